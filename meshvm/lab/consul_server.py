@@ -1,0 +1,138 @@
+"""A real Consul server for the lab, on the bridge address and loopback, with gossip encryption, Connect and ACLs."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import secrets
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from meshvm.errors import OperationFailedError
+from meshvm.fsutil import atomic_write
+from meshvm.lab import network
+from meshvm.lab.procs import free_port, http_ok, spawn, wait_until
+
+log = logging.getLogger(__name__)
+
+DATACENTER = "lab"
+# What an enrolled VM may do: register itself and its services, read the catalog and the mesh policy.
+VM_POLICY_NAME = "meshvm-vm"
+VM_POLICY_RULES = """
+node_prefix "" { policy = "write" }
+service_prefix "" { policy = "write" }
+agent_prefix "" { policy = "read" }
+key_prefix "meshvm/" { policy = "read" }
+"""
+
+
+@dataclass(frozen=True)
+class ConsulPorts:
+    http: int
+    serf_lan: int
+    serf_wan: int
+    server: int
+    grpc: int
+
+    @classmethod
+    def pick(cls) -> ConsulPorts:
+        host = network.BRIDGE_ADDRESS
+        return cls(http=free_port(host), serf_lan=free_port(host), serf_wan=free_port(host),
+                   server=free_port(host), grpc=free_port(host))
+
+
+def server_config(*, data_dir: Path, ports: ConsulPorts, gossip_key: str, master_token: str) -> dict[str, Any]:
+    return {
+        "datacenter": DATACENTER,
+        "node_name": "lab-server",
+        "server": True,
+        "bootstrap_expect": 1,
+        "data_dir": str(data_dir),
+        "bind_addr": network.BRIDGE_ADDRESS,
+        "advertise_addr": network.BRIDGE_ADDRESS,
+        "client_addr": f"127.0.0.1 {network.BRIDGE_ADDRESS}",
+        "ports": {"http": ports.http, "dns": -1, "serf_lan": ports.serf_lan, "serf_wan": ports.serf_wan,
+                  "server": ports.server, "grpc": ports.grpc},
+        "encrypt": gossip_key,
+        "connect": {"enabled": True},
+        "acl": {"enabled": True, "default_policy": "deny", "down_policy": "extend-cache",
+                "tokens": {"master": master_token, "agent": master_token}},
+        "performance": {"raft_multiplier": 1},
+        "ui": False,
+        "log_level": "INFO",
+        "disable_update_check": True,
+    }
+
+
+def start(binary: Path, state: Path) -> dict[str, Any]:
+    """Start the server; return what clients need (address, ports, datacenter, gossip key, tokens)."""
+    ports = ConsulPorts.pick()
+    gossip_key = base64.b64encode(secrets.token_bytes(32)).decode()
+    master_token = _uuid()
+    config_path = state / "consul" / "server.json"
+    config = server_config(data_dir=state / "consul" / "data", ports=ports, gossip_key=gossip_key,
+                           master_token=master_token)
+    atomic_write(config_path, json.dumps(config, indent=2), mode=0o600)
+    log_path = state / "consul" / "consul.log"
+    pid = spawn([str(binary), "agent", f"-config-file={config_path}"], log_path=log_path)
+    http = f"http://127.0.0.1:{ports.http}"
+    wait_until("Consul leader", _has_leader(http), timeout=30, log_path=log_path, pid=pid)
+    vm_token = _create_vm_token(http, master_token)
+    return {
+        "pid": pid,
+        "http_addr": f"{network.BRIDGE_ADDRESS}:{ports.http}",
+        "local_http_addr": f"127.0.0.1:{ports.http}",
+        "serf_lan_addr": f"{network.BRIDGE_ADDRESS}:{ports.serf_lan}",
+        "grpc_port": ports.grpc,
+        "datacenter": DATACENTER,
+        "gossip_key": gossip_key,
+        "management_token": master_token,
+        "vm_token": vm_token,
+        "log": str(log_path),
+    }
+
+
+def _uuid() -> str:
+    raw = secrets.token_hex(16)
+    return f"{raw[:8]}-{raw[8:12]}-{raw[12:16]}-{raw[16:20]}-{raw[20:]}"
+
+
+def _has_leader(http: str) -> Any:
+    ok = http_ok(f"{http}/v1/status/leader")
+
+    def probe() -> bool:
+        if not ok():
+            return False
+        with urllib.request.urlopen(f"{http}/v1/status/leader", timeout=2) as response:  # noqa: S310 - lab
+            return bool(json.loads(response.read()))
+    return probe
+
+
+def _call(http: str, token: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(f"{http}{path}", data=data, method=method,  # noqa: S310 - lab
+                                     headers={"X-Consul-Token": token})
+    # ACL bootstrapping finishes a moment after the leader is elected.
+    for _ in range(50):
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - lab
+                return json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            if exc.code in (403, 500):
+                time.sleep(0.2)
+                continue
+            raise
+    raise OperationFailedError(f"Consul {method} {path} kept failing")
+
+
+def _create_vm_token(http: str, master_token: str) -> str:
+    _call(http, master_token, "PUT", "/v1/acl/policy",
+          {"Name": VM_POLICY_NAME, "Description": "meshvm lab VMs", "Rules": VM_POLICY_RULES})
+    token = _call(http, master_token, "PUT", "/v1/acl/token",
+                  {"Description": "meshvm lab VMs", "Policies": [{"Name": VM_POLICY_NAME}]})
+    return str(token["SecretID"])

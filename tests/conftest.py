@@ -49,5 +49,4 @@ def envoy_oldest_bin() -> Path:
 
 @pytest.fixture
 def meshvm_cli() -> str:
-    exe = shutil.which("meshvm") or str(REPO / ".venv" / "bin" / "meshvm")
-    return exe
+    return shutil.which("meshvm") or str(REPO / ".venv" / "bin" / "meshvm")

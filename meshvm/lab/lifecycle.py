@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 import shutil
 import time
@@ -13,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from meshvm.errors import MeshvmError, UsageError
+from meshvm.errors import MeshvmError, OperationFailedError, UsageError
 from meshvm.fsutil import atomic_write
 from meshvm.lab import artifacts, consul_server, kube, network, vms
 from meshvm.lab.launcher import CGROUP_ROOTS
@@ -49,8 +50,13 @@ def fetch_artifacts(cache: Path, *, envoy_version: str, fallback_debs: tuple[Pat
     """Everything the lab runs, built or fetched once. Go builds (CPU) overlap with downloads (network)."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         builds = pool.submit(lambda: (artifacts.etcd(cache), artifacts.kube_apiserver(cache)))
-        fetches = pool.submit(lambda: (artifacts.consul(cache, fallback_debs), artifacts.envoy(cache, envoy_version),
-                                       artifacts.rootfs(cache)))
+        fetches = pool.submit(
+            lambda: (
+                artifacts.consul(cache, fallback_debs),
+                artifacts.envoy(cache, envoy_version),
+                artifacts.rootfs(cache),
+            )
+        )
         etcd, apiserver = builds.result()
         consul, envoy, rootfs = fetches.result()
     return Artifacts(consul=consul, etcd=etcd, kube_apiserver=apiserver, envoy=envoy, rootfs=rootfs)
@@ -66,29 +72,51 @@ def _write_access_files(lab: LabState, known_hosts: list[str], inventory: Path) 
     atomic_write(Path(lab.known_hosts), "\n".join(known_hosts) + "\n", mode=0o644)
     ssh_config = [
         "# written by meshvm lab: ssh -F <this file> vm1",
-        *[line for h in lab.hosts for line in (
-            f"Host {h.name}", f"  HostName {h.address}", "  User root", f"  IdentityFile {lab.ssh_key}",
-            "  IdentitiesOnly yes", f"  UserKnownHostsFile {lab.known_hosts}", "  StrictHostKeyChecking yes",
-            "  ConnectTimeout 5", "  LogLevel ERROR")],
+        *[
+            line
+            for h in lab.hosts
+            for line in (
+                f"Host {h.name}",
+                f"  HostName {h.address}",
+                "  User root",
+                f"  IdentityFile {lab.ssh_key}",
+                "  IdentitiesOnly yes",
+                f"  UserKnownHostsFile {lab.known_hosts}",
+                "  StrictHostKeyChecking yes",
+                "  ConnectTimeout 5",
+                "  LogLevel ERROR",
+            )
+        ],
     ]
     atomic_write(Path(lab.ssh_config), "\n".join(ssh_config) + "\n", mode=0o644)
-    assert lab.consul is not None
-    atomic_write(Path(lab.consul_env), (
-        f"CONSUL_HTTP_ADDR=http://{lab.consul.local_http_addr}\n"
-        f"CONSUL_HTTP_TOKEN={lab.consul.management_token}\n"
-        f"MESHVM_LAB_CONSUL_DATACENTER={lab.consul.datacenter}\n"
-    ), mode=0o600)
+    if lab.consul is None:
+        raise OperationFailedError("the lab's Consul is not up; cannot write its address file")
+    atomic_write(
+        Path(lab.consul_env),
+        (
+            f"CONSUL_HTTP_ADDR=http://{lab.consul.local_http_addr}\n"
+            f"CONSUL_HTTP_TOKEN={lab.consul.management_token}\n"
+            f"MESHVM_LAB_CONSUL_DATACENTER={lab.consul.datacenter}\n"
+        ),
+        mode=0o600,
+    )
     hosts_yaml = {
-        "all": {"children": {"meshvm": {
-            "hosts": {h.name: {"ansible_host": h.address} for h in lab.hosts},
-            "vars": {
-                "ansible_user": "root",
-                "ansible_ssh_private_key_file": lab.ssh_key,
-                "ansible_ssh_common_args": f"-o UserKnownHostsFile={lab.known_hosts} -o StrictHostKeyChecking=yes "
-                                           "-o IdentitiesOnly=yes",
-                "ansible_python_interpreter": "/usr/bin/python3",
-            },
-        }}},
+        "all": {
+            "children": {
+                "meshvm": {
+                    "hosts": {h.name: {"ansible_host": h.address} for h in lab.hosts},
+                    "vars": {
+                        "ansible_user": "root",
+                        "ansible_ssh_private_key_file": lab.ssh_key,
+                        "ansible_ssh_common_args": (
+                            f"-o UserKnownHostsFile={lab.known_hosts} "
+                            "-o StrictHostKeyChecking=yes -o IdentitiesOnly=yes"
+                        ),
+                        "ansible_python_interpreter": "/usr/bin/python3",
+                    },
+                }
+            }
+        },
     }
     header = f"# Written by `meshvm lab up` ({state}); `meshvm lab down` removes it.\n"
     atomic_write(inventory, header + yaml.safe_dump(hosts_yaml, sort_keys=False), mode=0o644)
@@ -103,13 +131,23 @@ def default_inventory_path(state_dir: Path) -> Path:
 def _running(lab: LabState) -> bool:
     procs = [p for p in (lab.consul, lab.etcd, lab.kube) if p is not None]
     vm_pids = [Path(lab.state_dir) / "vms" / h.name / "launcher.pid" for h in lab.hosts]
-    return (len(procs) == 3 and all(alive(p.pid) for p in procs)
-            and all(p.exists() and alive(int(p.read_text())) for p in vm_pids))
+    return (
+        len(procs) == 3
+        and all(alive(p.pid) for p in procs)
+        and all(p.exists() and alive(int(p.read_text())) for p in vm_pids)
+    )
 
 
-def up(hosts: int = 2, *, state_dir: Path = DEFAULT_STATE_DIR, cache: Path | None = None,
-       inventory: Path | None = None, envoy_version: str = artifacts.ENVOY_VERSION,
-       fallback_debs: tuple[Path, ...] = (), keep_on_failure: bool = False) -> LabState:
+def up(
+    hosts: int = 2,
+    *,
+    state_dir: Path = DEFAULT_STATE_DIR,
+    cache: Path | None = None,
+    inventory: Path | None = None,
+    envoy_version: str = artifacts.ENVOY_VERSION,
+    fallback_debs: tuple[Path, ...] = (),
+    keep_on_failure: bool = False,
+) -> LabState:
     """Bring the lab up with at least ``hosts`` VMs. Idempotent: a running lab is kept and only grown."""
     if not 1 <= hosts <= MAX_HOSTS:
         raise UsageError(f"--hosts must be between 1 and {MAX_HOSTS}, not {hosts}")
@@ -127,8 +165,15 @@ def up(hosts: int = 2, *, state_dir: Path = DEFAULT_STATE_DIR, cache: Path | Non
     started = time.monotonic()
     made = existing is None
     try:
-        lab = _up(hosts, state_dir=state_dir, cache=cache, inventory=inventory, envoy_version=envoy_version,
-                  fallback_debs=fallback_debs, existing=existing)
+        lab = _up(
+            hosts,
+            state_dir=state_dir,
+            cache=cache,
+            inventory=inventory,
+            envoy_version=envoy_version,
+            fallback_debs=fallback_debs,
+            existing=existing,
+        )
     except (MeshvmError, OSError, KeyboardInterrupt):
         if made and not keep_on_failure:
             log.error("lab up failed; removing what it made (use --keep-on-failure to inspect)")
@@ -138,15 +183,26 @@ def up(hosts: int = 2, *, state_dir: Path = DEFAULT_STATE_DIR, cache: Path | Non
     return lab
 
 
-def _up(hosts: int, *, state_dir: Path, cache: Path, inventory: Path | None, envoy_version: str,
-        fallback_debs: tuple[Path, ...], existing: LabState | None) -> LabState:
+def _up(
+    hosts: int,
+    *,
+    state_dir: Path,
+    cache: Path,
+    inventory: Path | None,
+    envoy_version: str,
+    fallback_debs: tuple[Path, ...],
+    existing: LabState | None,
+) -> LabState:
     built = fetch_artifacts(cache, envoy_version=envoy_version, fallback_debs=fallback_debs)
     state_dir.mkdir(parents=True, exist_ok=True)
     state_dir.chmod(0o700)
     lab = existing or LabState(
-        state_dir=str(state_dir), cache_dir=str(cache),
-        ssh_key=str(state_dir / "ssh" / "id_ed25519"), ssh_config=str(state_dir / "ssh" / "config"),
-        known_hosts=str(state_dir / "ssh" / "known_hosts"), consul_env=str(state_dir / "consul.env"),
+        state_dir=str(state_dir),
+        cache_dir=str(cache),
+        ssh_key=str(state_dir / "ssh" / "id_ed25519"),
+        ssh_config=str(state_dir / "ssh" / "config"),
+        known_hosts=str(state_dir / "ssh" / "known_hosts"),
+        consul_env=str(state_dir / "consul.env"),
         inventory=str(inventory or default_inventory_path(state_dir)),
         envoy=EnvoyInfo(version=built.envoy.version, binary=str(built.envoy.path), sha256=built.envoy.sha256),
         host_os=f"Debian {artifacts.ROOTFS_SUITE} (systemd-nspawn)",
@@ -167,8 +223,10 @@ def _up(hosts: int, *, state_dir: Path, cache: Path, inventory: Path | None, env
         key = Path(lab.ssh_key)
         key.parent.mkdir(parents=True, exist_ok=True)
         if not key.exists():
-            run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "meshvm-lab", "-f", str(key)],
-                what="ssh-keygen for the lab key")
+            run(
+                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "meshvm-lab", "-f", str(key)],
+                what="ssh-keygen for the lab key",
+            )
     lower = state_dir / "rootfs"
     vms.unpack_rootfs(built.rootfs.path, lower)
     first_new = len(lab.hosts) + 1
@@ -178,14 +236,24 @@ def _up(hosts: int, *, state_dir: Path, cache: Path, inventory: Path | None, env
     public_key = Path(f"{lab.ssh_key}.pub").read_text()
     known: list[str] = []
     for host in lab.hosts:
-        address, lines = vms.start(host.name, host.index, vm_root=state_dir / "vms" / host.name, lower=lower,
-                                   public_key=public_key, hosts_file=_hosts_file(lab.hosts))
+        _address, lines = vms.start(
+            host.name,
+            host.index,
+            vm_root=state_dir / "vms" / host.name,
+            lower=lower,
+            public_key=public_key,
+            hosts_file=_hosts_file(lab.hosts),
+        )
         known += lines
     _write_access_files(lab, known, Path(lab.inventory))
     lab.save()
     with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
-        waits = [pool.submit(vms.wait_booted, h.name, h.address, vm_root=state_dir / "vms" / h.name,
-                             ssh_argv=lab.ssh_argv(h)) for h in lab.hosts[first_new - 1:]]
+        waits = [
+            pool.submit(
+                vms.wait_booted, h.name, h.address, vm_root=state_dir / "vms" / h.name, ssh_argv=lab.ssh_argv(h)
+            )
+            for h in lab.hosts[first_new - 1 :]
+        ]
         for wait in waits:
             wait.result()
     return lab
@@ -207,19 +275,25 @@ def down(*, state_dir: Path = DEFAULT_STATE_DIR) -> bool:
             failures.append(f"{name}: {exc}")
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
-        list(pool.map(lambda h: attempt(f"VM {h.name}",
-                                        lambda: vms.stop_vm(h.name, vm_root=state_dir / "vms" / h.name)), lab.hosts))
+        list(
+            pool.map(
+                lambda h: attempt(f"VM {h.name}", lambda: vms.stop_vm(h.name, vm_root=state_dir / "vms" / h.name)),
+                lab.hosts,
+            )
+        )
     for name, proc in (("kube-apiserver", lab.kube), ("etcd", lab.etcd), ("consul", lab.consul)):
         if proc is not None:
-            attempt(name, lambda p=proc: stop(p.pid))
+            attempt(name, functools.partial(stop, proc.pid))
     for root in CGROUP_ROOTS:
-        attempt("cgroups", lambda r=root: vms.remove_cgroup(r / "meshvm-lab"))
+        attempt("cgroups", functools.partial(vms.remove_cgroup, root / "meshvm-lab"))
     attempt("network", network.bridge_down)
     if lab.inventory:
         attempt("inventory", lambda: Path(lab.inventory).unlink(missing_ok=True))
     if failures:
-        raise MeshvmError("lab down left something behind: " + "; ".join(failures),
-                          hint=f"fix it and run `meshvm lab down` again (state kept in {state_dir})")
+        raise MeshvmError(
+            "lab down left something behind: " + "; ".join(failures),
+            hint=f"fix it and run `meshvm lab down` again (state kept in {state_dir})",
+        )
     shutil.rmtree(state_dir)
     log.info("lab down: removed %d VMs, Consul, etcd, kube-apiserver and %s", len(lab.hosts), network.BRIDGE)
     return True
@@ -243,8 +317,9 @@ def status(*, state_dir: Path = DEFAULT_STATE_DIR) -> list[PeerStatus]:
         return "running" if alive(pid) else "stopped"
 
     if lab.consul:
-        rows.append(PeerStatus("consul", lab.consul.version, f"http://{lab.consul.http_addr}",
-                               state_of(lab.consul.pid)))
+        rows.append(
+            PeerStatus("consul", lab.consul.version, f"http://{lab.consul.http_addr}", state_of(lab.consul.pid))
+        )
     if lab.etcd:
         rows.append(PeerStatus("etcd", lab.etcd.version, lab.etcd.url, state_of(lab.etcd.pid)))
     if lab.kube:
@@ -254,6 +329,7 @@ def status(*, state_dir: Path = DEFAULT_STATE_DIR) -> list[PeerStatus]:
     for host in lab.hosts:
         pidfile = state_dir / "vms" / host.name / "launcher.pid"
         running = pidfile.exists() and alive(int(pidfile.read_text()))
-        rows.append(PeerStatus(f"vm {host.name}", lab.host_os, f"ssh root@{host.address}",
-                               "running" if running else "stopped"))
+        rows.append(
+            PeerStatus(f"vm {host.name}", lab.host_os, f"ssh root@{host.address}", "running" if running else "stopped")
+        )
     return rows

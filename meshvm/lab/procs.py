@@ -27,14 +27,18 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def spawn(argv: Sequence[str], *, log_path: Path, env: Mapping[str, str] | None = None,
-          cwd: Path | None = None) -> int:
+def spawn(argv: Sequence[str], *, log_path: Path, env: Mapping[str, str] | None = None, cwd: Path | None = None) -> int:
     """Start ``argv`` detached (new session, stdin from /dev/null, output appended to ``log_path``)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as out:
         proc = subprocess.Popen(
-            list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True, env=dict(env) if env is not None else None, cwd=cwd,
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=dict(env) if env is not None else None,
+            cwd=cwd,
         )
     log.debug("started pid %d: %s", proc.pid, " ".join(argv))
     return proc.pid
@@ -78,8 +82,9 @@ def stop(pid: int, *, timeout: float = 20.0, sig: int = signal.SIGTERM) -> None:
         time.sleep(0.05)
 
 
-def wait_until(what: str, probe: Callable[[], bool], *, timeout: float, log_path: Path | None = None,
-               pid: int | None = None) -> None:
+def wait_until(
+    what: str, probe: Callable[[], bool], *, timeout: float, log_path: Path | None = None, pid: int | None = None
+) -> None:
     """Poll ``probe`` until it returns True; fail with the tail of ``log_path`` if it never does."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -103,11 +108,13 @@ def tcp_open(host: str, port: int) -> Callable[[], bool]:
                 return True
         except OSError:
             return False
+
     return probe
 
 
-def http_ok(url: str, *, context: ssl.SSLContext | None = None,
-            headers: Mapping[str, str] | None = None) -> Callable[[], bool]:
+def http_ok(
+    url: str, *, context: ssl.SSLContext | None = None, headers: Mapping[str, str] | None = None
+) -> Callable[[], bool]:
     def probe() -> bool:
         request = urllib.request.Request(url, headers=dict(headers or {}))  # noqa: S310 - lab URLs only
         try:
@@ -115,15 +122,31 @@ def http_ok(url: str, *, context: ssl.SSLContext | None = None,
                 return bool(200 <= response.status < 300)
         except (urllib.error.URLError, OSError, ValueError):
             return False
+
     return probe
 
 
-def run(argv: Sequence[str], *, what: str, timeout: float = 600, env: Mapping[str, str] | None = None,
-        cwd: Path | None = None, input_text: str | None = None) -> str:
+def run(
+    argv: Sequence[str],
+    *,
+    what: str,
+    timeout: float = 600,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    input_text: str | None = None,
+) -> str:
     """Run a short command; on failure raise with the command's own last words."""
     try:
-        done = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, check=False,
-                              env=dict(env) if env is not None else None, cwd=cwd, input=input_text)
+        done = subprocess.run(
+            list(argv),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            env=dict(env) if env is not None else None,
+            cwd=cwd,
+            input=input_text,
+        )
     except subprocess.TimeoutExpired as exc:
         raise OperationFailedError(f"{what} timed out after {timeout:.0f}s") from exc
     if done.returncode != 0:

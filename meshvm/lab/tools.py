@@ -24,8 +24,9 @@ LAB_TOOLS: dict[str, str] = {
 
 def require_root(what: str) -> None:
     if os.geteuid() != 0:
-        raise PrerequisiteError(f"{what} needs root (network namespaces, overlay mounts, systemd-nspawn)",
-                                hint="run it with sudo")
+        raise PrerequisiteError(
+            f"{what} needs root (network namespaces, overlay mounts, systemd-nspawn)", hint="run it with sudo"
+        )
 
 
 def require_tools(*names: str) -> None:

@@ -63,8 +63,10 @@ def unpack_rootfs(tarball: Path, dest: Path) -> None:
         return
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
-    run(["tar", "--numeric-owner", "--xattrs", "-C", str(dest), "-I", "zstd", "-xf", str(tarball)],
-        what="unpacking the VM root filesystem")
+    run(
+        ["tar", "--numeric-owner", "--xattrs", "-C", str(dest), "-I", "zstd", "-xf", str(tarball)],
+        what="unpacking the VM root filesystem",
+    )
     stamp.write_text(tarball.name)
 
 
@@ -87,8 +89,10 @@ def _customise(merged: Path, *, host: str, address: str, public_key: str, hosts_
     for kind in ("ed25519", "ecdsa"):
         key = merged / f"etc/ssh/ssh_host_{kind}_key"
         if not key.exists():
-            run(["ssh-keygen", "-q", "-t", kind, "-N", "", "-C", f"root@{host}", "-f", str(key)],
-                what=f"ssh-keygen for {host}")
+            run(
+                ["ssh-keygen", "-q", "-t", kind, "-N", "", "-C", f"root@{host}", "-f", str(key)],
+                what=f"ssh-keygen for {host}",
+            )
         pub = Path(f"{key}.pub").read_text().split()
         known.append(f"{address} {pub[0]} {pub[1]}")
     # No RSA host key: sshd would log an error for each missing default key, so name the ones we have.
@@ -102,13 +106,27 @@ def _customise(merged: Path, *, host: str, address: str, public_key: str, hosts_
 
 def nspawn_argv(host: str, merged: Path, netns: str) -> list[str]:
     return [
-        "systemd-nspawn", "-b", "-D", str(merged), "-M", machine_name(host), "--hostname", host,
-        "--register=no", "--keep-unit", "--link-journal=no", "--resolv-conf=off", "--timezone=off",
-        f"--network-namespace-path={network.netns_path(netns)}", "--console=pipe",
+        "systemd-nspawn",
+        "-b",
+        "-D",
+        str(merged),
+        "-M",
+        machine_name(host),
+        "--hostname",
+        host,
+        "--register=no",
+        "--keep-unit",
+        "--link-journal=no",
+        "--resolv-conf=off",
+        "--timezone=off",
+        f"--network-namespace-path={network.netns_path(netns)}",
+        "--console=pipe",
     ]
 
 
-def start(host: str, index: int, *, vm_root: Path, lower: Path, public_key: str, hosts_file: str) -> tuple[str, list[str]]:
+def start(
+    host: str, index: int, *, vm_root: Path, lower: Path, public_key: str, hosts_file: str
+) -> tuple[str, list[str]]:
     """Create (if needed) and boot VM ``host``; returns its address and known_hosts lines."""
     paths = VmPaths(vm_root)
     netns = machine_name(host)
@@ -116,14 +134,32 @@ def start(host: str, index: int, *, vm_root: Path, lower: Path, public_key: str,
     for directory in (paths.upper, paths.work, paths.merged):
         directory.mkdir(parents=True, exist_ok=True)
     if not _is_mounted(paths.merged):
-        run(["mount", "-t", "overlay", "overlay", "-o",
-             f"lowerdir={lower},upperdir={paths.upper},workdir={paths.work}", str(paths.merged)],
-            what=f"overlay mount for {host}")
+        run(
+            [
+                "mount",
+                "-t",
+                "overlay",
+                "overlay",
+                "-o",
+                f"lowerdir={lower},upperdir={paths.upper},workdir={paths.work}",
+                str(paths.merged),
+            ],
+            what=f"overlay mount for {host}",
+        )
     known = _customise(paths.merged, host=host, address=address, public_key=public_key, hosts_file=hosts_file)
     if paths.launcher_pid.exists() and alive(int(paths.launcher_pid.read_text())):
         return address, known
-    argv = [sys.executable, "-m", "meshvm.lab.launcher", "--cgroup", host, "--pidfile", str(paths.nspawn_pid),
-            "--", *nspawn_argv(host, paths.merged, netns)]
+    argv = [
+        sys.executable,
+        "-m",
+        "meshvm.lab.launcher",
+        "--cgroup",
+        host,
+        "--pidfile",
+        str(paths.nspawn_pid),
+        "--",
+        *nspawn_argv(host, paths.merged, netns),
+    ]
     env = dict(os.environ, SYSTEMD_NSPAWN_TMPFS_TMP="1")
     pid = spawn(argv, log_path=paths.console_log, env=env)
     paths.launcher_pid.write_text(f"{pid}\n")
@@ -137,13 +173,23 @@ def wait_booted(host: str, address: str, *, vm_root: Path, ssh_argv: list[str]) 
     deadline = time.monotonic() + BOOT_TIMEOUT
     state = ""
     while time.monotonic() < deadline:
-        done = subprocess.run([*ssh_argv, "systemctl", "is-system-running", "--wait"], capture_output=True,
-                              text=True, timeout=BOOT_TIMEOUT, check=False)
+        done = subprocess.run(
+            [*ssh_argv, "systemctl", "is-system-running", "--wait"],
+            capture_output=True,
+            text=True,
+            timeout=BOOT_TIMEOUT,
+            check=False,
+        )
         state = done.stdout.strip()
         if state in {"running", "degraded"}:
             if state == "degraded":
-                failed = subprocess.run([*ssh_argv, "systemctl", "--failed", "--no-legend", "--plain"],
-                                        capture_output=True, text=True, timeout=30, check=False).stdout.strip()
+                failed = subprocess.run(
+                    [*ssh_argv, "systemctl", "--failed", "--no-legend", "--plain"],
+                    capture_output=True,
+                    text=True,
+                    timeout=30,
+                    check=False,
+                ).stdout.strip()
                 log.warning("VM %s booted degraded; failed units: %s", host, failed.replace("\n", "; "))
             return
         time.sleep(0.5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import threading
 import time
@@ -15,6 +16,7 @@ import pytest
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
+from meshvm.envoy import types as t
 from meshvm.kube.client import api_client
 from meshvm.lab import network
 from meshvm.lab.procs import free_port, spawn, stop
@@ -65,10 +67,17 @@ def test_consul_acl_denies_anonymous_writes(lab: LabState) -> None:
 
 
 def _we(name: str) -> dict[str, Any]:
-    return {"apiVersion": "networking.istio.io/v1", "kind": "WorkloadEntry",
-            "metadata": {"name": name, "labels": {"app": "probe"}},
-            "spec": {"address": "198.51.100.99", "ports": {"http": 8080}, "labels": {"app": "probe"},
-                     "serviceAccount": "probe"}}
+    return {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "WorkloadEntry",
+        "metadata": {"name": name, "labels": {"app": "probe"}},
+        "spec": {
+            "address": "198.51.100.99",
+            "ports": {"http": 8080},
+            "labels": {"app": "probe"},
+            "serviceAccount": "probe",
+        },
+    }
 
 
 def test_kube_apiserver_stores_workload_entries_with_rbac(lab: LabState) -> None:
@@ -88,7 +97,8 @@ def test_kube_apiserver_stores_workload_entries_with_rbac(lab: LabState) -> None
         assert dup.value.status == 409
         # The restricted identity may write in its namespace …
         _, status, _ = restricted.create_namespaced_custom_object_with_http_info(
-            group, version, "meshvm", plural, _we(f"{name}-r"))
+            group, version, "meshvm", plural, _we(f"{name}-r")
+        )
         assert status == 201
         restricted.delete_namespaced_custom_object(group, version, "meshvm", plural, f"{name}-r")
         # … and nowhere else, and nothing else.
@@ -99,9 +109,9 @@ def test_kube_apiserver_stores_workload_entries_with_rbac(lab: LabState) -> None
         with pytest.raises(ApiException) as secrets:
             core.list_namespaced_secret("meshvm")
         assert secrets.value.status == 403
+        bad = _we(f"{name}-bad")
+        bad["spec"]["ports"] = {"http": "not-a-number"}
         with pytest.raises(ApiException) as schema:
-            bad = _we(f"{name}-bad")
-            bad["spec"]["ports"] = {"http": "not-a-number"}
             admin.create_namespaced_custom_object(group, version, "meshvm", plural, bad)
         assert schema.value.status == 422
     finally:
@@ -119,23 +129,50 @@ def test_kube_apiserver_serves_discovery_v1(lab: LabState) -> None:
 def _bootstrap(admin_port: int, listener_port: int) -> dict[str, Any]:
     return {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
-        "static_resources": {"listeners": [{
-            "name": "probe",
-            "address": {"socket_address": {"address": "127.0.0.1", "port_value": listener_port}},
-            "filter_chains": [{"filters": [{
-                "name": "envoy.filters.network.http_connection_manager",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
-                             ".HttpConnectionManager",
-                    "stat_prefix": "probe",
-                    "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [{
-                        "match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "ok"}},
-                    }]}]},
-                    "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
-                },
-            }]}],
-        }]},
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "probe",
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": listener_port}},
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": {
+                                        "@type": t.HCM,
+                                        "stat_prefix": "probe",
+                                        "route_config": {
+                                            "virtual_hosts": [
+                                                {
+                                                    "name": "all",
+                                                    "domains": ["*"],
+                                                    "routes": [
+                                                        {
+                                                            "match": {"prefix": "/"},
+                                                            "direct_response": {
+                                                                "status": 200,
+                                                                "body": {"inline_string": "ok"},
+                                                            },
+                                                        }
+                                                    ],
+                                                }
+                                            ]
+                                        },
+                                        "http_filters": [
+                                            {
+                                                "name": "envoy.filters.http.router",
+                                                "typed_config": {"@type": t.ROUTER},
+                                            }
+                                        ],
+                                    },
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ]
+        },
     }
 
 
@@ -145,17 +182,27 @@ def test_envoy_validates_and_serves(lab: LabState, tmp_path: Path, envoy_bin: Pa
     bad["static_resources"]["listeners"][0]["no_such_field"] = True
     (tmp_path / "good.json").write_text(json.dumps(good))
     (tmp_path / "bad.json").write_text(json.dumps(bad))
-    ok = subprocess.run([str(envoy_bin), "--mode", "validate", "-c", str(tmp_path / "good.json")],
-                        capture_output=True, text=True, check=False)
+    ok = subprocess.run(
+        [str(envoy_bin), "--mode", "validate", "-c", str(tmp_path / "good.json")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert ok.returncode == 0, ok.stderr
-    refused = subprocess.run([str(envoy_bin), "--mode", "validate", "-c", str(tmp_path / "bad.json")],
-                             capture_output=True, text=True, check=False)
+    refused = subprocess.run(
+        [str(envoy_bin), "--mode", "validate", "-c", str(tmp_path / "bad.json")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert refused.returncode != 0
     assert "no_such_field" in refused.stdout + refused.stderr
     admin = good["admin"]["address"]["socket_address"]["port_value"]
     listener = good["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"]
-    pid = spawn([str(envoy_bin), "-c", str(tmp_path / "good.json"), "--disable-hot-restart", "-l", "warning"],
-                log_path=tmp_path / "envoy.log")
+    pid = spawn(
+        [str(envoy_bin), "-c", str(tmp_path / "good.json"), "--disable-hot-restart", "-l", "warning"],
+        log_path=tmp_path / "envoy.log",
+    )
     try:
         deadline = time.monotonic() + 20
         ready = ""
@@ -174,12 +221,18 @@ def test_envoy_validates_and_serves(lab: LabState, tmp_path: Path, envoy_bin: Pa
 
 
 def _ssh(lab: LabState, host: str, *command: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*lab.ssh_argv(lab.host(host)), *command], capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    return subprocess.run(
+        [*lab.ssh_argv(lab.host(host)), shlex.join(command)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def test_vm_runs_systemd_and_reaches_peers_over_the_bridge(lab: LabState) -> None:
-    assert lab.consul is not None and lab.kube is not None
+    assert lab.consul is not None
+    assert lab.kube is not None
     pid1 = _ssh(lab, "vm1", "cat", "/proc/1/comm")
     assert pid1.returncode == 0, pid1.stderr
     assert pid1.stdout.strip() == "systemd"
@@ -210,5 +263,6 @@ def test_vm_survives_reboot(lab: LabState) -> None:
             if after and after != before:
                 break
         time.sleep(1)
-    assert after and after != before, "vm2 did not come back with a new boot id"
+    assert after, "vm2 did not answer after the reboot"
+    assert after != before, "vm2 did not come back with a new boot id"
     assert _ssh(lab, "vm2", "cat", "/proc/1/comm").stdout.strip() == "systemd"

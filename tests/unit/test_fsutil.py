@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from meshvm.fsutil import atomic_write
@@ -24,4 +23,4 @@ def test_atomic_write_mode_change_alone_rewrites(tmp_path: Path) -> None:
     target = tmp_path / "f"
     atomic_write(target, "x", mode=0o644)
     assert atomic_write(target, "x", mode=0o600) is True
-    assert os.stat(target).st_mode & 0o777 == 0o600
+    assert target.stat().st_mode & 0o777 == 0o600

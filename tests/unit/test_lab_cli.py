@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from meshvm.errors import PrerequisiteError
 from meshvm.lab import network
 from meshvm.lab.tools import require_tools
-from meshvm.errors import PrerequisiteError
 
 
 def _run(argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
@@ -21,8 +21,20 @@ def _run(argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root to drop to nobody")
 def test_lab_up_as_non_root_says_so(meshvm_cli: str, tmp_path: Path) -> None:
-    done = _run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", meshvm_cli, "lab", "up",
-                 "--state-dir", str(tmp_path / "state")], env={**os.environ, "HOME": str(tmp_path)})
+    done = _run(
+        [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            meshvm_cli,
+            "lab",
+            "up",
+            "--state-dir",
+            str(tmp_path / "state"),
+        ],
+        env={**os.environ, "HOME": str(tmp_path)},
+    )
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1
@@ -49,8 +61,10 @@ def test_lab_up_with_missing_tool_exits_2_and_creates_nothing(meshvm_cli: str, t
         found = shutil.which(tool)
         if found:
             (bin_dir / tool).symlink_to(found)
-    done = _run([meshvm_cli, "lab", "up", "--state-dir", str(tmp_path / "state")],
-                env={**os.environ, "PATH": f"{bin_dir}:{Path(sys.executable).parent}"})
+    done = _run(
+        [meshvm_cli, "lab", "up", "--state-dir", str(tmp_path / "state")],
+        env={**os.environ, "PATH": f"{bin_dir}:{Path(sys.executable).parent}"},
+    )
     assert done.returncode == 2, done.stderr
     assert "systemd-nspawn" in done.stderr
     assert "apt-get install -y systemd-container" in done.stderr

@@ -1,0 +1,1 @@
+"""`meshvm agent`: registers this VM's services in Consul, watches the mesh and drives Envoy through files."""

@@ -1,0 +1,298 @@
+"""The agent's main loop: register, watch Consul, render Envoy's resources on every change, report health."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from meshvm.agent.metrics import AgentMetrics
+from meshvm.agent.watch import Watch
+from meshvm.config import AgentConfig
+from meshvm.consulclient import ConsulClient
+from meshvm.envoy import resources as envoy_resources
+from meshvm.envoy import writer
+from meshvm.envoy.snapshot import Instance, Leaf, Roots, Snapshot
+from meshvm.errors import MeshvmError, OperationFailedError
+from meshvm.policy import POLICY_KEY, AuthorizationRule, MeshPolicy, parse_policy_json
+
+log = logging.getLogger(__name__)
+REGISTER_BACKOFF_MAX = 10.0
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify) about readiness; a no-op outside systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.connect(address)
+        sock.sendall(message.encode())
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, client: ConsulClient | None = None) -> None:
+        self.config = config
+        self.client = client or ConsulClient.for_agent(config)
+        self.layout = envoy_resources.Layout(config.envoy.config_dir)
+        self.metrics = AgentMetrics()
+        self.stop_event = threading.Event()
+        self._lock = threading.Lock()
+        self._dirty = threading.Event()
+        self._snapshot = Snapshot(config=config)
+        self._pending_since: float | None = None
+        self._watch_health: dict[str, str] = {}
+        self._rendered_once = False
+        self._last_error = ""
+        self._intentions_supported = True
+        self._server: ThreadingHTTPServer | None = None
+        self.metrics.policy_valid.set(1)
+
+    # --- state updates from watches ------------------------------------------------------------------------
+
+    def _update(self, **changes: Any) -> None:
+        with self._lock:
+            self._snapshot = replace(self._snapshot, **changes)
+            if self._pending_since is None:
+                self._pending_since = time.monotonic()
+        self._dirty.set()
+
+    def _set_upstream(self, service: str) -> Callable[[tuple[Instance, ...]], None]:
+        def apply(instances: tuple[Instance, ...]) -> None:
+            self.metrics.endpoints.set(len(instances), service=service)
+            with self._lock:
+                current = dict(self._snapshot.upstreams)
+            if current.get(service) == instances:
+                return
+            current[service] = instances
+            self._update(upstreams=current)
+
+        return apply
+
+    def _set_leaf(self, leaf: Leaf) -> None:
+        with self._lock:
+            leaves = dict(self._snapshot.leaves)
+        if leaves.get(leaf.service) == leaf:
+            return
+        self.metrics.leaf_rotations.inc(service=leaf.service)
+        log.info("leaf certificate for %s: serial %s, valid until %s", leaf.service, leaf.serial, leaf.valid_before)
+        leaves[leaf.service] = leaf
+        self._update(leaves=leaves)
+
+    def _set_roots(self, roots: Roots) -> None:
+        self._update(roots=roots)
+
+    def _set_intentions(self, rules: tuple[AuthorizationRule, ...]) -> None:
+        self._update(intentions=rules)
+
+    def _set_policy(self, raw: bytes | None) -> None:
+        key = f"{self.config.consul.policy_prefix}/{POLICY_KEY}"
+        if raw is None:
+            policy = MeshPolicy()
+        else:
+            try:
+                policy = parse_policy_json(raw, f"Consul KV {key}")
+            except MeshvmError as exc:
+                # Refuse it, keep serving the last good policy, and make the refusal visible.
+                self.metrics.policy_valid.set(0)
+                self.metrics.errors.inc(kind="policy")
+                self._last_error = str(exc)
+                log.error("refusing the policy in Consul KV, keeping the last good one: %s", exc)
+                return
+        self.metrics.policy_valid.set(1)
+        if self._last_error.startswith("Consul KV"):
+            self._last_error = ""
+        self._update(policy=policy)
+
+    def _on_health(self, key: str, ok: bool, error: str) -> None:
+        with self._lock:
+            if ok:
+                self._watch_health.pop(key, None)
+            else:
+                self._watch_health[key] = error
+            healthy = not self._watch_health
+        self.metrics.consul_up.set(1 if healthy else 0)
+        if not ok:
+            self.metrics.errors.inc(kind="consul")
+
+    # --- watches -------------------------------------------------------------------------------------------
+
+    def _fetch_intentions(self, index: int) -> tuple[int, tuple[AuthorizationRule, ...]]:
+        if not self._intentions_supported:
+            self.stop_event.wait(3600)
+            return index, ()
+        try:
+            return self.client.intentions(index)
+        except OperationFailedError as exc:
+            # No intentions API or no right to read it: the policy's authorization rules still apply.
+            log.warning("not watching Consul intentions: %s", exc)
+            self._intentions_supported = False
+            return index + 1, ()
+
+    def _policy_fetch(self, index: int) -> tuple[int, bytes | None]:
+        new_index, value, _ = self.client.kv_get(f"{self.config.consul.policy_prefix}/{POLICY_KEY}", index)
+        return new_index, value
+
+    def _watch(self, name: str, fetch: Callable[[int], tuple[int, Any]], apply: Callable[[Any], None]) -> Watch[Any]:
+        return Watch(name, fetch, apply, stop=self.stop_event, on_health=self._on_health)
+
+    def watches(self) -> list[Watch[Any]]:
+        found = [
+            self._watch("roots", self.client.roots, self._set_roots),
+            self._watch("policy", self._policy_fetch, self._set_policy),
+            self._watch("intentions", self._fetch_intentions, self._set_intentions),
+        ]
+        for service in self.config.services:
+            found.append(
+                self._watch(f"leaf:{service.name}", functools.partial(self.client.leaf, service.name), self._set_leaf)
+            )
+        for destination in sorted({u.service for s in self.config.services for u in s.upstreams}):
+            found.append(
+                self._watch(
+                    f"upstream:{destination}",
+                    functools.partial(self.client.health_connect, destination),
+                    self._set_upstream(destination),
+                )
+            )
+        return found
+
+    # --- rendering -----------------------------------------------------------------------------------------
+
+    def render_once(self) -> bool:
+        """Render and write the current snapshot; False while certificates are still missing."""
+        with self._lock:
+            snapshot, pending_since = self._snapshot, self._pending_since
+            self._pending_since = None
+        if not snapshot.ready():
+            log.debug("waiting for the CA roots and leaf certificates before the first render")
+            return False
+        started = time.monotonic()
+        try:
+            result = writer.write(envoy_resources.build(snapshot, self.layout), self.layout)
+        except (OSError, ValueError, KeyError) as exc:
+            self.metrics.errors.inc(kind="render")
+            self._last_error = f"render: {exc}"
+            log.exception("rendering Envoy resources failed; the previous files stay in place")
+            return False
+        finished = time.monotonic()
+        self.metrics.render_seconds.observe(finished - started)
+        if pending_since is not None:
+            self.metrics.convergence_seconds.observe(finished - pending_since)
+        self.metrics.syncs.inc()
+        self.metrics.last_sync.set(time.time())
+        if result.written or result.removed:
+            log.info(
+                "Envoy resources: %d files written, %d removed in %.1f ms",
+                result.written,
+                result.removed,
+                (finished - started) * 1000,
+            )
+        if self._last_error.startswith("render"):
+            self._last_error = ""
+        if not self._rendered_once:
+            self._rendered_once = True
+            sd_notify("READY=1\nSTATUS=Envoy resources rendered")
+        return True
+
+    def _register_until_done(self) -> None:
+        delay = 0.5
+        while not self.stop_event.is_set():
+            try:
+                self.client.register(self.config)
+                log.info(
+                    "registered %s with Consul at %s",
+                    ", ".join(s.name for s in self.config.services),
+                    self.client.address,
+                )
+                return
+            except MeshvmError as exc:
+                self.metrics.errors.inc(kind="register")
+                self._last_error = f"register: {exc}"
+                log.warning("registration failed (%s); retrying in %.1fs", exc, delay)
+                self.stop_event.wait(delay)
+                delay = min(delay * 2, REGISTER_BACKOFF_MAX)
+        return
+
+    # --- health endpoint -----------------------------------------------------------------------------------
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        with self._lock:
+            consul_errors = dict(self._watch_health)
+        last = self.metrics.last_sync.value()
+        body = {
+            "rendered": self._rendered_once,
+            "last_sync_age_seconds": round(time.time() - last, 3) if last else None,
+            "consul_reachable": not consul_errors,
+            "consul_errors": consul_errors,
+            "policy_valid": self.metrics.policy_valid.value() == 1,
+            "last_error": self._last_error or None,
+        }
+        # Healthy means Envoy has a configuration from us; Consul being away is degraded, not down.
+        return (200 if self._rendered_once else 503), body
+
+    def serve_http(self) -> ThreadingHTTPServer:
+        agent = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path == "/metrics":
+                    status, payload, ctype = 200, agent.metrics.render().encode(), "text/plain; version=0.0.4"
+                elif self.path in {"/health", "/healthz"}:
+                    status, body = agent.health()
+                    payload, ctype = json.dumps(body).encode(), "application/json"
+                else:
+                    status, payload, ctype = 404, b"not found\n", "text/plain"
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                log.debug("http: %s", format % args)
+
+        server = ThreadingHTTPServer((self.config.agent.listen_address, self.config.agent.listen_port), Handler)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, name="agent-http", daemon=True).start()
+        self._server = server
+        return server
+
+    # --- lifecycle -----------------------------------------------------------------------------------------
+
+    def run(self, *, deregister_on_stop: bool = True) -> None:
+        """Run until :attr:`stop_event` is set (SIGTERM in the CLI); then deregister."""
+        self.config.envoy.config_dir.mkdir(parents=True, exist_ok=True)
+        self.serve_http()
+        self._register_until_done()
+        for watch in self.watches():
+            watch.start()
+        debounce = self.config.agent.debounce
+        while not self.stop_event.is_set():
+            if not self._dirty.wait(timeout=1.0):
+                continue
+            # Debounce: let a burst of changes settle into one render.
+            self.stop_event.wait(debounce)
+            self._dirty.clear()
+            self.render_once()
+        self.shutdown(deregister=deregister_on_stop)
+
+    def shutdown(self, *, deregister: bool) -> None:
+        if deregister:
+            try:
+                self.client.deregister(self.config)
+                log.info("deregistered %s from Consul", ", ".join(s.name for s in self.config.services))
+            except MeshvmError as exc:
+                log.warning("could not deregister on stop: %s", exc)
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()

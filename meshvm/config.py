@@ -1,0 +1,202 @@
+"""The one configuration model of `meshvm agent`, shared by the CLI, the agent and the Ansible roles.
+
+Ansible renders the role variables into this model's YAML (``meshvm_agent`` role) and checks the result with
+``meshvm validate``; the agent loads the same file; ``meshvm render`` builds Envoy's bootstrap from it.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Literal, Self
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from meshvm.errors import ConfigError
+from meshvm.values import Duration, IPAddress, LoopbackAddress, Name, Port
+
+Protocol = Literal["http", "http2", "grpc", "tcp"]
+HTTP_PROTOCOLS: frozenset[str] = frozenset({"http", "http2", "grpc"})
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CheckSpec(Strict):
+    """How Consul checks the local application (not the sidecar)."""
+
+    type: Literal["http", "tcp", "grpc", "none"] = "tcp"
+    path: str = Field("/health", pattern=r"^/", description="HTTP path for type=http")
+    interval: Duration = 1.0
+    timeout: Duration = 1.0
+    deregister_critical_after: Duration = 300.0
+
+    @model_validator(mode="after")
+    def _sane(self) -> Self:
+        if self.type != "none" and self.interval < 1.0:
+            raise ValueError("interval must be at least 1s (Consul's minimum check interval)")
+        if self.timeout > self.interval:
+            raise ValueError("timeout must not be longer than interval")
+        if self.deregister_critical_after < 60:
+            raise ValueError("deregister_critical_after must be at least 1m (Consul's minimum)")
+        return self
+
+
+class UpstreamSpec(Strict):
+    """A service this one calls: Envoy listens on 127.0.0.1:local_port and forwards over mTLS."""
+
+    service: Name
+    local_port: Port
+    protocol: Protocol | None = Field(None, description="default: the protocol the destination registered, else tcp")
+
+
+class ServiceSpec(Strict):
+    """A service this VM runs, brought into the mesh."""
+
+    name: Name
+    port: Port = Field(description="where the application listens, on `address`")
+    address: IPAddress = "127.0.0.1"
+    protocol: Protocol = "http"
+    mesh_port: Port = Field(description="Envoy's inbound mTLS listener for this service, on the VM address")
+    tags: list[str] = []
+    meta: dict[str, str] = {}
+    version: str | None = Field(None, description="subset label, also registered as meta.version")
+    check: CheckSpec = CheckSpec()
+    upstreams: list[UpstreamSpec] = []
+
+    @property
+    def sidecar_id(self) -> str:
+        return f"{self.name}-sidecar-proxy"
+
+    @model_validator(mode="after")
+    def _upstreams_unique(self) -> Self:
+        names = [u.service for u in self.upstreams]
+        if len(names) != len(set(names)):
+            raise ValueError(f"upstreams of {self.name} list a service twice")
+        if self.name in names:
+            raise ValueError(f"service {self.name} lists itself as an upstream")
+        if self.check.type == "grpc" and self.protocol != "grpc":
+            raise ValueError("check.type grpc needs protocol grpc")
+        return self
+
+
+class ConsulSpec(Strict):
+    http_addr: str = Field("127.0.0.1:8500", pattern=r"^[^:/\s]+:\d{1,5}$", description="the local Consul agent")
+    scheme: Literal["http", "https"] = "http"
+    token_file: Path | None = Field(None, description="file holding the ACL token (never the token itself)")
+    ca_file: Path | None = None
+    policy_prefix: str = Field("meshvm/policy", pattern=r"^[A-Za-z0-9_./-]+[^/]$")
+    blocking_wait: Duration = 30.0
+
+    def token(self) -> str | None:
+        if self.token_file is None:
+            return None
+        try:
+            return self.token_file.read_text().strip() or None
+        except OSError as exc:
+            raise ConfigError(
+                f"consul.token_file {self.token_file}: {exc.strerror}",
+                hint="check the path and that the meshvm user can read it",
+            ) from exc
+
+
+class EnvoySpec(Strict):
+    admin_address: LoopbackAddress = "127.0.0.1"
+    admin_port: Port = 19000
+    bind_address: IPAddress = "0.0.0.0"
+    config_dir: Path = Path("/var/lib/meshvm/envoy")
+    bootstrap_path: Path = Path("/etc/meshvm/envoy.json")
+    prometheus_port: Port | None = Field(19102, description="/stats/prometheus on bind_address; null = off")
+    access_log_path: str = "/dev/stdout"
+    drain_time: Duration = 5.0
+    connect_timeout: Duration = 2.0
+
+
+class AgentSpec(Strict):
+    listen_address: LoopbackAddress = "127.0.0.1"
+    listen_port: Port = 19200
+    debounce: Duration = 0.05
+    log_format: Literal["text", "json"] = "text"
+
+
+class AgentConfig(Strict):
+    node: str = Field(default_factory=socket.gethostname, min_length=1)
+    address: IPAddress = Field(description="this VM's address in the mesh; sidecars are registered with it")
+    consul: ConsulSpec = ConsulSpec()
+    envoy: EnvoySpec = EnvoySpec()
+    agent: AgentSpec = AgentSpec()
+    services: list[ServiceSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _no_clashes(self) -> Self:
+        names = [s.name for s in self.services]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"service names must be unique; repeated: {', '.join(duplicates)}")
+        ports: dict[int, str] = {}
+
+        def claim(port: int | None, what: str) -> None:
+            if port is None:
+                return
+            if port in ports:
+                raise ValueError(f"port {port} is used twice: {ports[port]} and {what}")
+            ports[port] = what
+
+        claim(self.envoy.admin_port, "envoy.admin_port")
+        claim(self.envoy.prometheus_port, "envoy.prometheus_port")
+        claim(self.agent.listen_port, "agent.listen_port")
+        for service in self.services:
+            claim(service.mesh_port, f"services[{service.name}].mesh_port")
+            for upstream in service.upstreams:
+                claim(upstream.local_port, f"services[{service.name}].upstreams[{upstream.service}].local_port")
+        for service in self.services:
+            if service.port in ports and service.address in {"127.0.0.1", self.address, "0.0.0.0"}:
+                raise ValueError(f"services[{service.name}].port {service.port} clashes with {ports[service.port]}")
+        return self
+
+    def service(self, name: str) -> ServiceSpec:
+        for service in self.services:
+            if service.name == name:
+                return service
+        raise KeyError(name)
+
+
+def format_validation_error(source: str, error: ValidationError) -> str:
+    """One line: ``source: field.path: what is wrong; …`` (at most three problems, then a count)."""
+    parts = []
+    for item in error.errors()[:3]:
+        location = ".".join(str(p) for p in item["loc"] if p not in {"function-after[_no_clashes()]"})
+        message = item["msg"].removeprefix("Value error, ")
+        parts.append(f"{location}: {message}" if location else message)
+    extra = len(error.errors()) - 3
+    if extra > 0:
+        parts.append(f"and {extra} more")
+    return f"{source}: " + "; ".join(parts)
+
+
+def load_yaml(path: Path, what: str) -> object:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: {exc.strerror}", hint="check the path") from exc
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{what} {path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from exc
+
+
+def parse_config(data: object, source: str = "agent config") -> AgentConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of settings at the top level")
+    try:
+        return AgentConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(source, exc)) from exc
+
+
+def load_config(path: Path) -> AgentConfig:
+    return parse_config(load_yaml(path, "agent config"), f"agent config {path}")

@@ -1,0 +1,232 @@
+"""meshvm's view of Consul, over py-consul: registration, blocking reads, Connect CA, intentions, policy KV.
+
+Every method raises :class:`meshvm.errors.PeerUnreachableError` when Consul cannot be reached and
+:class:`meshvm.errors.OperationFailedError` when it answers with an error, so callers handle two cases only.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import consul
+import requests
+from consul.callback import CB
+
+from meshvm.config import AgentConfig, CheckSpec, ConsulSpec, ServiceSpec
+from meshvm.envoy.snapshot import Instance, Leaf, Roots
+from meshvm.errors import OperationFailedError, PeerUnreachableError
+from meshvm.policy import AuthorizationRule
+from meshvm.values import consul_duration
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+Indexed = tuple[int, T]
+
+
+@contextmanager
+def _translate(what: str, address: str) -> Iterator[None]:
+    try:
+        yield
+    except (requests.ConnectionError, requests.Timeout) as exc:
+        raise PeerUnreachableError(
+            f"Consul at {address} is unreachable ({what})", hint="is the Consul agent running and the address right?"
+        ) from exc
+    except consul.ACLPermissionDenied as exc:
+        raise OperationFailedError(
+            f"Consul refused {what}: permission denied", hint="the ACL token lacks the rights for it"
+        ) from exc
+    except consul.ConsulException as exc:
+        raise OperationFailedError(f"Consul failed {what}: {exc}") from exc
+
+
+class ConsulClient:
+    def __init__(self, spec: ConsulSpec, token: str | None = None) -> None:
+        host, port = spec.http_addr.rsplit(":", 1)
+        self.address = spec.http_addr
+        self.wait = consul_duration(spec.blocking_wait)
+        verify: bool | str = str(spec.ca_file) if spec.ca_file else True
+        self.api = consul.Consul(host=host, port=int(port), scheme=spec.scheme, token=token, verify=verify)
+
+    @classmethod
+    def for_agent(cls, config: AgentConfig) -> ConsulClient:
+        return cls(config.consul, config.consul.token())
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        with _translate(what, self.address):
+            return fn()
+
+    def _blocking(self, what: str, path: str, index: int, params: list[tuple[str, Any]] | None = None) -> Indexed[Any]:
+        query = list(params or [])
+        if index:
+            query += [("index", index), ("wait", self.wait)]
+        return self._call(what, lambda: self.api.http.get(CB.json(index=True), path, params=query))  # type: ignore[no-any-return]
+
+    # --- status ------------------------------------------------------------------------------------------
+
+    def leader(self) -> str:
+        return str(self._call("status/leader", self.api.status.leader))
+
+    def datacenter(self) -> str:
+        me = self._call("agent/self", self.api.agent.self)
+        return str(me["Config"]["Datacenter"])
+
+    def version(self) -> str:
+        me = self._call("agent/self", self.api.agent.self)
+        return str(me["Config"]["Version"])
+
+    # --- registration ------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _app_check(service: ServiceSpec, check: CheckSpec) -> dict[str, Any] | None:
+        target = f"{service.address}:{service.port}"
+        common = {
+            "Name": f"{service.name} application",
+            "Interval": consul_duration(check.interval),
+            "Timeout": consul_duration(check.timeout),
+            "DeregisterCriticalServiceAfter": consul_duration(check.deregister_critical_after),
+        }
+        if check.type == "http":
+            return {**common, "HTTP": f"http://{target}{check.path}"}
+        if check.type == "tcp":
+            return {**common, "TCP": target}
+        if check.type == "grpc":
+            return {**common, "GRPC": target, "GRPCUseTLS": False}
+        return None
+
+    def register(self, config: AgentConfig) -> None:
+        """Register each local service with its check, and its sidecar (alias of the app + Envoy's listener)."""
+        for service in config.services:
+            meta = {**service.meta, "protocol": service.protocol, "managed-by": "meshvm"}
+            if service.version:
+                meta["version"] = service.version
+            check = self._app_check(service, service.check)
+            self._call(
+                f"registering {service.name}",
+                functools.partial(
+                    self.api.agent.service.register,
+                    service.name,
+                    service_id=service.name,
+                    address=config.address,
+                    port=service.port,
+                    tags=service.tags,
+                    meta=meta,
+                    check=check,
+                    replace_existing_checks=True,
+                ),
+            )
+            sidecar_checks = [
+                {
+                    "Name": f"{service.name} sidecar listener",
+                    "TCP": f"{config.address}:{service.mesh_port}",
+                    "Interval": "1s",
+                    "Timeout": "1s",
+                    "DeregisterCriticalServiceAfter": "5m",
+                },
+            ]
+            proxy = {
+                "DestinationServiceName": service.name,
+                "DestinationServiceID": service.name,
+                "LocalServiceAddress": service.address,
+                "LocalServicePort": service.port,
+                "Upstreams": [
+                    {"DestinationName": u.service, "LocalBindPort": u.local_port, "LocalBindAddress": "127.0.0.1"}
+                    for u in service.upstreams
+                ],
+            }
+            self._call(
+                f"registering {service.sidecar_id}",
+                functools.partial(
+                    self.api.agent.service.register,
+                    service.sidecar_id,
+                    service_id=service.sidecar_id,
+                    address=config.address,
+                    port=service.mesh_port,
+                    tags=service.tags,
+                    meta=meta,
+                    check={"Name": f"{service.name} application alive", "AliasService": service.name},
+                    extra_checks=sidecar_checks,
+                    kind="connect-proxy",
+                    proxy=proxy,
+                    replace_existing_checks=True,
+                ),
+            )
+
+    def deregister(self, config: AgentConfig) -> None:
+        for service in config.services:
+            for service_id in (service.sidecar_id, service.name):
+                self._call(
+                    f"deregistering {service_id}", functools.partial(self.api.agent.service.deregister, service_id)
+                )
+
+    def registered(self) -> dict[str, Any]:
+        return dict(self._call("agent/services", self.api.agent.services))
+
+    # --- watches -----------------------------------------------------------------------------------------
+
+    def health_connect(self, service: str, index: int = 0) -> Indexed[tuple[Instance, ...]]:
+        """Passing sidecars of ``service``; blocks while ``index`` is current."""
+        new_index, entries = self._blocking(
+            f"health/connect/{service}", f"/v1/health/connect/{service}", index, [("passing", "1")]
+        )
+        instances = []
+        for entry in entries or []:
+            svc, node = entry["Service"], entry["Node"]
+            instances.append(
+                Instance(
+                    address=svc.get("Address") or node["Address"],
+                    port=int(svc["Port"]),
+                    node=node["Node"],
+                    tags=tuple(sorted(svc.get("Tags") or [])),
+                    meta=tuple(sorted((svc.get("Meta") or {}).items())),
+                )
+            )
+        return int(new_index), tuple(sorted(instances))
+
+    def roots(self, index: int = 0) -> Indexed[Roots]:
+        new_index, data = self._blocking("connect/ca/roots", "/v1/agent/connect/ca/roots", index)
+        active = [r["RootCert"] for r in data["Roots"] if r.get("Active")]
+        others = [r["RootCert"] for r in data["Roots"] if not r.get("Active")]
+        # Keep every root the CA still lists: during a CA rotation both must be trusted.
+        return int(new_index), Roots(trust_domain=data["TrustDomain"], pems=tuple(active + others))
+
+    def leaf(self, service: str, index: int = 0) -> Indexed[Leaf]:
+        new_index, data = self._blocking(f"connect/ca/leaf/{service}", f"/v1/agent/connect/ca/leaf/{service}", index)
+        return int(new_index), Leaf(
+            service=service,
+            cert_pem=data["CertPEM"],
+            key_pem=data["PrivateKeyPEM"],
+            serial=data.get("SerialNumber", ""),
+            valid_before=data.get("ValidBefore", ""),
+        )
+
+    def intentions(self, index: int = 0) -> Indexed[tuple[AuthorizationRule, ...]]:
+        new_index, data = self._blocking("connect/intentions", "/v1/connect/intentions", index)
+        rules = []
+        for item in data or []:
+            if item.get("SourceType", "consul") != "consul" or item.get("Action") not in {"allow", "deny"}:
+                continue
+            rules.append(
+                AuthorizationRule(source=item["SourceName"], destination=item["DestinationName"], action=item["Action"])
+            )
+        return int(new_index), tuple(rules)
+
+    def kv_get(self, key: str, index: int = 0) -> tuple[int, bytes | None, int]:
+        """(index, value or None, modify index of the key or 0 when it does not exist)."""
+
+        def get() -> tuple[Any, Any]:
+            if index:
+                return self.api.kv.get(key, index=index, wait=self.wait)  # type: ignore[no-any-return]
+            return self.api.kv.get(key)  # type: ignore[no-any-return]
+
+        new_index, item = self._call(f"kv get {key}", get)
+        if item is None:
+            return int(new_index or 0), None, 0
+        return int(new_index), item["Value"] or b"", int(item["ModifyIndex"])
+
+    def kv_cas(self, key: str, value: bytes, modify_index: int) -> bool:
+        """Check-and-set: True when written; False when someone changed the key since ``modify_index``."""
+        return bool(self._call(f"kv put {key}", lambda: self.api.kv.put(key, value, cas=modify_index)))

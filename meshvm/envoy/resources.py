@@ -1,0 +1,528 @@
+"""Build Envoy v3 resources from a :class:`Snapshot`: deterministic, pure data, no I/O.
+
+Naming (names never contain '/', so each is also a safe file name):
+
+* ``inbound.<svc>`` — listener on the VM address: mTLS with the mesh CA, RBAC on the caller's SPIFFE ID, local
+  rate limit, then the local application (cluster ``local.<svc>``).
+* ``outbound.<svc>.<upstream>`` — listener on 127.0.0.1 for the application, routes ``out.<svc>.<upstream>``,
+  clusters ``out.<svc>.<upstream>`` (every healthy instance) and ``out.<svc>.<upstream>.<subset>``.
+* secrets ``leaf.<svc>`` (certificate + key) and ``roots`` (the mesh CA).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from meshvm.config import HTTP_PROTOCOLS, ServiceSpec
+from meshvm.envoy import types as t
+from meshvm.envoy.snapshot import Instance, Snapshot
+from meshvm.envoy.types import JSON
+from meshvm.policy import AuthorizationRule, HeaderMatch, Route, RouteMatch, ServicePolicy, Subset
+
+ROOTS = "roots"
+SPIFFE_ANY_SERVICE = r"[^/]+"
+
+
+@dataclass
+class Resources:
+    listeners: list[JSON] = field(default_factory=list)
+    clusters: list[JSON] = field(default_factory=list)
+    routes: dict[str, JSON] = field(default_factory=dict)
+    endpoints: dict[str, JSON] = field(default_factory=dict)
+    secrets: dict[str, JSON] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each kind of resource lives under the Envoy config directory."""
+
+    root: Path
+
+    @property
+    def lds(self) -> Path:
+        return self.root / "lds.json"
+
+    @property
+    def cds(self) -> Path:
+        return self.root / "cds.json"
+
+    def rds(self, name: str) -> Path:
+        return self.root / "rds" / f"{name}.json"
+
+    def eds(self, cluster: str) -> Path:
+        # One directory per cluster: a change wakes only that cluster's watcher.
+        return self.root / "eds" / cluster / "cla.json"
+
+    def sds(self, name: str) -> Path:
+        return self.root / "sds" / f"{name}.json"
+
+
+def spiffe_regex(trust_domain: str, service: str = SPIFFE_ANY_SERVICE) -> str:
+    return f"^spiffe://{re.escape(trust_domain)}/ns/[^/]+/dc/[^/]+/svc/{service}$"
+
+
+def leaf_name(service: str) -> str:
+    return f"leaf.{service}"
+
+
+def _sds(layout: Layout, name: str) -> JSON:
+    return {"name": name, "sds_config": t.file_source(layout.sds(name))}
+
+
+# --- authorization -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Who may call one destination: everyone-but (``others`` allow) or only-these (``others`` deny)."""
+
+    others: str
+    allowed: tuple[str, ...]
+    denied: tuple[str, ...]
+
+
+def _winner(rules: list[AuthorizationRule], default: str) -> str:
+    if not rules:
+        return default
+    top = max(r.precedence for r in rules)
+    actions = {r.action for r in rules if r.precedence == top}
+    return "deny" if "deny" in actions else "allow"
+
+
+def decide(destination: str, rules: list[AuthorizationRule], default: str) -> Decision:
+    """Consul's intention semantics: the most specific rule wins; at equal precedence deny wins."""
+    relevant = [r for r in rules if r.destination in {destination, "*"}]
+    others = _winner([r for r in relevant if r.source == "*"], default)
+    named = sorted({r.source for r in relevant if r.source != "*"})
+    verdicts = {s: _winner([r for r in relevant if r.source in {s, "*"}], default) for s in named}
+    return Decision(
+        others=others,
+        allowed=tuple(s for s, v in verdicts.items() if v == "allow" and others == "deny"),
+        denied=tuple(s for s, v in verdicts.items() if v == "deny" and others == "allow"),
+    )
+
+
+def _principal(trust_domain: str, service: str = SPIFFE_ANY_SERVICE) -> JSON:
+    return {"authenticated": {"principal_name": {"safe_regex": {"regex": spiffe_regex(trust_domain, service)}}}}
+
+
+def rbac_rules(decision: Decision, trust_domain: str) -> JSON:
+    """An ALLOW rule set; no policy at all means nobody is allowed."""
+    if decision.others == "allow":
+        principal = _principal(trust_domain)
+        if decision.denied:
+            principal = {
+                "and_ids": {
+                    "ids": [
+                        principal,
+                        {
+                            "not_id": {
+                                "or_ids": {"ids": [_principal(trust_domain, re.escape(s)) for s in decision.denied]}
+                            }
+                        },
+                    ]
+                }
+            }
+        return {"action": "ALLOW", "policies": {"mesh": {"permissions": [{"any": True}], "principals": [principal]}}}
+    if not decision.allowed:
+        return {"action": "ALLOW", "policies": {}}
+    return {
+        "action": "ALLOW",
+        "policies": {
+            "intentions": {
+                "permissions": [{"any": True}],
+                "principals": [_principal(trust_domain, re.escape(s)) for s in decision.allowed],
+            }
+        },
+    }
+
+
+# --- inbound -------------------------------------------------------------------------------------------------
+
+
+def _downstream_tls(layout: Layout, service: ServiceSpec) -> JSON:
+    common: JSON = {
+        "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
+        "tls_certificate_sds_secret_configs": [_sds(layout, leaf_name(service.name))],
+        "validation_context_sds_secret_config": _sds(layout, ROOTS),
+    }
+    if service.protocol in HTTP_PROTOCOLS:
+        common["alpn_protocols"] = ["h2", "http/1.1"]
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {"@type": t.DOWNSTREAM_TLS, "require_client_certificate": True, "common_tls_context": common},
+    }
+
+
+def _local_cluster(snapshot: Snapshot, service: ServiceSpec) -> JSON:
+    cluster: JSON = {
+        "name": f"local.{service.name}",
+        "type": "STATIC",
+        "connect_timeout": t.duration(snapshot.config.envoy.connect_timeout),
+        "load_assignment": {
+            "cluster_name": f"local.{service.name}",
+            "endpoints": [
+                {"lb_endpoints": [{"endpoint": {"address": t.socket_address(service.address, service.port)}}]}
+            ],
+        },
+    }
+    if service.protocol in {"http2", "grpc"}:
+        cluster["typed_extension_protocol_options"] = {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": t.HTTP_PROTOCOL_OPTIONS,
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        }
+    return cluster
+
+
+def _local_rate_limit(service: ServiceSpec, policy: ServicePolicy) -> list[JSON]:
+    if policy.rate_limit is None:
+        return []
+    limit = policy.rate_limit
+    bucket = {
+        "max_tokens": limit.burst or limit.requests_per_second,
+        "tokens_per_fill": limit.requests_per_second,
+        "fill_interval": "1s",
+    }
+    return [
+        {
+            "name": "envoy.filters.http.local_ratelimit",
+            "typed_config": {
+                "@type": t.LOCAL_RATELIMIT,
+                "stat_prefix": f"inbound_{service.name}_ratelimit",
+                "token_bucket": bucket,
+                "filter_enabled": {
+                    "runtime_key": "meshvm_ratelimit_enabled",
+                    "default_value": {"numerator": 100, "denominator": "HUNDRED"},
+                },
+                "filter_enforced": {
+                    "runtime_key": "meshvm_ratelimit_enforced",
+                    "default_value": {"numerator": 100, "denominator": "HUNDRED"},
+                },
+                "response_headers_to_add": [
+                    {
+                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                        "header": {"key": "x-meshvm-ratelimited", "value": "true"},
+                    }
+                ],
+            },
+        }
+    ]
+
+
+def _inbound_listener(snapshot: Snapshot, layout: Layout, service: ServiceSpec, rbac: JSON) -> JSON:
+    config = snapshot.config
+    policy = snapshot.policy.for_service(service.name)
+    stat = f"inbound_{service.name}"
+    if service.protocol in HTTP_PROTOCOLS:
+        route_config = {
+            "name": f"inbound.{service.name}",
+            "virtual_hosts": [
+                {
+                    "name": service.name,
+                    "domains": ["*"],
+                    "routes": [
+                        {"match": {"prefix": "/"}, "route": {"cluster": f"local.{service.name}", "timeout": "0s"}}
+                    ],
+                }
+            ],
+        }
+        hcm: JSON = {
+            "@type": t.HCM,
+            "stat_prefix": stat,
+            "codec_type": "AUTO",
+            "route_config": route_config,
+            "http_filters": [
+                {"name": "envoy.filters.http.rbac", "typed_config": {"@type": t.HTTP_RBAC, "rules": rbac}},
+                *_local_rate_limit(service, policy),
+                {"name": "envoy.filters.http.router", "typed_config": {"@type": t.ROUTER}},
+            ],
+            "forward_client_cert_details": "SANITIZE_SET",
+            "set_current_client_cert_details": {"uri": True},
+            "access_log": t.access_log(config.envoy.access_log_path),
+            "normalize_path": True,
+            "merge_slashes": True,
+            "path_with_escaped_slashes_action": "UNESCAPE_AND_REDIRECT",
+        }
+        filters = [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]
+    else:
+        filters = [
+            {
+                "name": "envoy.filters.network.rbac",
+                "typed_config": {"@type": t.NETWORK_RBAC, "stat_prefix": stat, "rules": rbac},
+            },
+            {
+                "name": "envoy.filters.network.tcp_proxy",
+                "typed_config": {
+                    "@type": t.TCP_PROXY,
+                    "stat_prefix": stat,
+                    "cluster": f"local.{service.name}",
+                    "access_log": t.access_log(config.envoy.access_log_path),
+                },
+            },
+        ]
+    return {
+        "name": f"inbound.{service.name}",
+        "address": t.socket_address(config.envoy.bind_address, service.mesh_port),
+        "traffic_direction": "INBOUND",
+        "filter_chains": [{"filters": filters, "transport_socket": _downstream_tls(layout, service)}],
+    }
+
+
+# --- outbound ------------------------------------------------------------------------------------------------
+
+
+def _subset_instances(instances: tuple[Instance, ...], subset: Subset) -> list[Instance]:
+    return [
+        i
+        for i in instances
+        if set(subset.tags) <= set(i.tags)
+        and (subset.version is None or i.meta_dict().get("version") == subset.version)
+    ]
+
+
+def _upstream_cluster(
+    snapshot: Snapshot,
+    layout: Layout,
+    source: ServiceSpec,
+    name: str,
+    destination: str,
+    protocol: str,
+    policy: ServicePolicy,
+) -> JSON:
+    if snapshot.roots is None:
+        raise ValueError("CA roots are needed to verify upstream identities")
+    validation = {
+        "match_typed_subject_alt_names": [
+            {
+                "san_type": "URI",
+                "matcher": {"safe_regex": {"regex": spiffe_regex(snapshot.roots.trust_domain, re.escape(destination))}},
+            }
+        ]
+    }
+    common: JSON = {
+        "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
+        "tls_certificate_sds_secret_configs": [_sds(layout, leaf_name(source.name))],
+        "combined_validation_context": {
+            "default_validation_context": validation,
+            "validation_context_sds_secret_config": _sds(layout, ROOTS),
+        },
+    }
+    cluster: JSON = {
+        "name": name,
+        "type": "EDS",
+        "eds_cluster_config": {"service_name": name, "eds_config": t.file_source(layout.eds(name))},
+        "connect_timeout": t.duration(policy.connect_timeout or snapshot.config.envoy.connect_timeout),
+        "lb_policy": "ROUND_ROBIN",
+        "transport_socket": {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {"@type": t.UPSTREAM_TLS, "sni": destination, "common_tls_context": common},
+        },
+    }
+    if protocol in HTTP_PROTOCOLS:
+        # Sidecar to sidecar is always HTTP/2 over mTLS: one multiplexed connection, whatever the app speaks.
+        common["alpn_protocols"] = ["h2"]
+        cluster["typed_extension_protocol_options"] = {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": t.HTTP_PROTOCOL_OPTIONS,
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        }
+    if policy.circuit_breaker is not None:
+        breaker = policy.circuit_breaker
+        cluster["circuit_breakers"] = {
+            "thresholds": [
+                {
+                    "priority": "DEFAULT",
+                    "max_connections": breaker.max_connections,
+                    "max_pending_requests": breaker.max_pending_requests,
+                    "max_requests": breaker.max_requests,
+                    "max_retries": breaker.max_retries,
+                    "track_remaining": True,
+                }
+            ]
+        }
+    if policy.outlier_detection is not None:
+        outlier = policy.outlier_detection
+        cluster["outlier_detection"] = {
+            "consecutive_5xx": outlier.consecutive_5xx,
+            "interval": t.duration(outlier.interval),
+            "base_ejection_time": t.duration(outlier.base_ejection_time),
+            "max_ejection_percent": outlier.max_ejection_percent,
+            "enforcing_consecutive_5xx": 100,
+            "enforcing_success_rate": 0,
+        }
+    return cluster
+
+
+def _load_assignment(name: str, instances: list[Instance]) -> JSON:
+    endpoints = [
+        {"endpoint": {"address": t.socket_address(i.address, i.port)}, "health_status": "HEALTHY"}
+        for i in sorted(instances)
+    ]
+    return {"cluster_name": name, "endpoints": [{"lb_endpoints": endpoints}] if endpoints else []}
+
+
+def _route_action(policy: ServicePolicy, targets: list[tuple[str, int]], protocol: str) -> JSON:
+    action: JSON
+    if len(targets) == 1:
+        action = {"cluster": targets[0][0]}
+    else:
+        action = {"weighted_clusters": {"clusters": [{"name": n, "weight": w} for n, w in targets if w > 0]}}
+    action["timeout"] = (
+        t.duration(policy.timeout) if policy.timeout is not None else ("0s" if protocol == "grpc" else "15s")
+    )
+    if policy.retries is not None:
+        retry: JSON = {
+            "retry_on": ",".join(policy.retries.retry_on),
+            "num_retries": policy.retries.attempts,
+            "retry_host_predicate": [
+                {
+                    "name": "envoy.retry_host_predicates.previous_hosts",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3"
+                        ".PreviousHostsPredicate"
+                    },
+                }
+            ],
+            "host_selection_retry_max_attempts": 3,
+        }
+        if policy.retries.per_try_timeout is not None:
+            retry["per_try_timeout"] = t.duration(policy.retries.per_try_timeout)
+        action["retry_policy"] = retry
+    return action
+
+
+def _header_matcher(header: HeaderMatch) -> JSON:
+    if header.present is not None:
+        return {"name": header.name, "present_match": header.present}
+    if header.exact is not None:
+        return {"name": header.name, "string_match": {"exact": header.exact}}
+    return {"name": header.name, "string_match": {"prefix": header.prefix}}
+
+
+def _route_match(match: RouteMatch) -> JSON:
+    result: JSON = {"prefix": match.path_prefix}
+    if match.headers:
+        result["headers"] = [_header_matcher(h) for h in match.headers]
+    return result
+
+
+def _targets(base: str, route: Route | None) -> list[tuple[str, int]]:
+    if route is None:
+        return [(base, 100)]
+    return [(base if tg.subset is None else f"{base}.{tg.subset}", tg.weight) for tg in route.targets()]
+
+
+def _fault_filter(policy: ServicePolicy) -> list[JSON]:
+    if policy.fault is None:
+        return []
+    fault: JSON = {"@type": t.FAULT}
+    if policy.fault.delay is not None:
+        fault["delay"] = {
+            "fixed_delay": t.duration(policy.fault.delay.fixed),
+            "percentage": t.percent(policy.fault.delay.percent),
+        }
+    if policy.fault.abort is not None:
+        fault["abort"] = {"http_status": policy.fault.abort.status, "percentage": t.percent(policy.fault.abort.percent)}
+    return [{"name": "envoy.filters.http.fault", "typed_config": fault}]
+
+
+def _outbound(snapshot: Snapshot, layout: Layout, source: ServiceSpec, resources: Resources) -> None:
+    config = snapshot.config
+    for upstream in source.upstreams:
+        destination = upstream.service
+        protocol = snapshot.upstream_protocol(source.name, destination)
+        policy = snapshot.policy.for_service(destination)
+        base = f"out.{source.name}.{destination}"
+        instances = snapshot.upstreams.get(destination, ())
+        clusters = {base: list(instances)}
+        for subset_name, subset in sorted(policy.subsets.items()):
+            clusters[f"{base}.{subset_name}"] = _subset_instances(instances, subset)
+        for name, members in clusters.items():
+            resources.clusters.append(_upstream_cluster(snapshot, layout, source, name, destination, protocol, policy))
+            resources.endpoints[name] = _load_assignment(name, members)
+        stat = f"outbound_{source.name}_{destination}"
+        if protocol in HTTP_PROTOCOLS:
+            envoy_routes = [
+                {"match": _route_match(r.match), "route": _route_action(policy, _targets(base, r), protocol)}
+                for r in policy.routes
+            ]
+            if not any(r.match == RouteMatch() for r in policy.routes):
+                envoy_routes.append(
+                    {"match": {"prefix": "/"}, "route": _route_action(policy, _targets(base, None), protocol)}
+                )
+            resources.routes[base] = {
+                "name": base,
+                "virtual_hosts": [{"name": destination, "domains": ["*"], "routes": envoy_routes}],
+            }
+            hcm: JSON = {
+                "@type": t.HCM,
+                "stat_prefix": stat,
+                "codec_type": "AUTO",
+                "rds": {"route_config_name": base, "config_source": t.file_source(layout.rds(base))},
+                "http_filters": [
+                    *_fault_filter(policy),
+                    {"name": "envoy.filters.http.router", "typed_config": {"@type": t.ROUTER}},
+                ],
+                "access_log": t.access_log(config.envoy.access_log_path),
+            }
+            filters = [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]
+        else:
+            targets = _targets(base, policy.routes[0] if policy.routes else None)
+            proxy: JSON = {
+                "@type": t.TCP_PROXY,
+                "stat_prefix": stat,
+                "access_log": t.access_log(config.envoy.access_log_path),
+            }
+            if len(targets) > 1:
+                proxy["weighted_clusters"] = {"clusters": [{"name": n, "weight": w} for n, w in targets if w > 0]}
+            else:
+                proxy["cluster"] = targets[0][0]
+            filters = [{"name": "envoy.filters.network.tcp_proxy", "typed_config": proxy}]
+        resources.listeners.append(
+            {
+                "name": f"outbound.{source.name}.{destination}",
+                "address": t.socket_address("127.0.0.1", upstream.local_port),
+                "traffic_direction": "OUTBOUND",
+                "filter_chains": [{"filters": filters}],
+            }
+        )
+
+
+# --- entry point ---------------------------------------------------------------------------------------------
+
+
+def build(snapshot: Snapshot, layout: Layout) -> Resources:
+    """All resources for ``snapshot``; the snapshot must be :meth:`Snapshot.ready`."""
+    if snapshot.roots is None:
+        raise ValueError("cannot render mTLS resources before the CA roots are known")
+    resources = Resources()
+    resources.secrets[ROOTS] = {
+        "name": ROOTS,
+        "validation_context": {
+            "trusted_ca": {"inline_string": "".join(p if p.endswith("\n") else p + "\n" for p in snapshot.roots.pems)}
+        },
+    }
+    rules = [*snapshot.intentions, *snapshot.policy.authorization.rules]
+    for service in sorted(snapshot.config.services, key=lambda s: s.name):
+        leaf = snapshot.leaves[service.name]
+        resources.secrets[leaf_name(service.name)] = {
+            "name": leaf_name(service.name),
+            "tls_certificate": {
+                "certificate_chain": {"inline_string": leaf.cert_pem},
+                "private_key": {"inline_string": leaf.key_pem},
+            },
+        }
+        decision = decide(service.name, rules, snapshot.policy.authorization.default_action)
+        resources.listeners.append(
+            _inbound_listener(snapshot, layout, service, rbac_rules(decision, snapshot.roots.trust_domain))
+        )
+        resources.clusters.append(_local_cluster(snapshot, service))
+        _outbound(snapshot, layout, service, resources)
+    resources.listeners.sort(key=lambda r: str(r["name"]))
+    resources.clusters.sort(key=lambda r: str(r["name"]))
+    return resources

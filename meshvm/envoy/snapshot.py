@@ -1,0 +1,66 @@
+"""Everything the renderer needs, gathered by the agent from Consul: a pure value, so rendering is a function."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from meshvm.config import AgentConfig
+from meshvm.policy import AuthorizationRule, MeshPolicy
+
+
+@dataclass(frozen=True, order=True)
+class Instance:
+    """One healthy sidecar of a destination service, as Consul's /v1/health/connect reports it."""
+
+    address: str
+    port: int
+    node: str = ""
+    tags: tuple[str, ...] = ()
+    meta: tuple[tuple[str, str], ...] = ()
+
+    def meta_dict(self) -> dict[str, str]:
+        return dict(self.meta)
+
+
+@dataclass(frozen=True)
+class Leaf:
+    service: str
+    cert_pem: str
+    key_pem: str
+    serial: str = ""
+    valid_before: str = ""
+
+
+@dataclass(frozen=True)
+class Roots:
+    trust_domain: str
+    pems: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    config: AgentConfig
+    policy: MeshPolicy = field(default_factory=MeshPolicy)
+    roots: Roots | None = None
+    leaves: Mapping[str, Leaf] = field(default_factory=dict)
+    upstreams: Mapping[str, tuple[Instance, ...]] = field(default_factory=dict)
+    intentions: tuple[AuthorizationRule, ...] = ()
+
+    def ready(self) -> bool:
+        """Certificates for every local service and the CA roots: without them no listener can serve mTLS."""
+        return self.roots is not None and all(s.name in self.leaves for s in self.config.services)
+
+    def upstream_protocol(self, source: str, destination: str) -> str:
+        """Upstream setting, else the policy, else what the destination registered, else tcp."""
+        spec = next(u for u in self.config.service(source).upstreams if u.service == destination)
+        if spec.protocol is not None:
+            return spec.protocol
+        policy = self.policy.for_service(destination)
+        if policy.protocol is not None:
+            return policy.protocol
+        for instance in self.upstreams.get(destination, ()):
+            registered = instance.meta_dict().get("protocol")
+            if registered in {"http", "http2", "grpc", "tcp"}:
+                return registered
+        return "tcp"

@@ -1,0 +1,217 @@
+"""Rendering is a pure function of the snapshot; every rendering is checked by Envoy itself (oldest and newest)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from meshvm.config import parse_config
+from meshvm.envoy import resources as r
+from meshvm.envoy.bootstrap import bootstrap, initial_files, static_equivalent
+from meshvm.envoy.snapshot import Instance, Snapshot
+from meshvm.envoy.writer import write
+from meshvm.policy import AuthorizationRule, parse_policy
+from tests.support.pki import MeshCA
+
+CONFIG: dict[str, Any] = {
+    "node": "vm1",
+    "address": "198.51.100.11",
+    "services": [
+        {
+            "name": "web",
+            "port": 8080,
+            "mesh_port": 21000,
+            "version": "v1",
+            "upstreams": [
+                {"service": "api", "local_port": 9001, "protocol": "http"},
+                {"service": "db", "local_port": 9002, "protocol": "tcp"},
+                {"service": "rpc", "local_port": 9003, "protocol": "grpc"},
+            ],
+        },
+        {"name": "db", "port": 5432, "protocol": "tcp", "mesh_port": 21001},
+        {"name": "rpc", "port": 50051, "protocol": "grpc", "mesh_port": 21002, "check": {"type": "grpc"}},
+    ],
+}
+POLICY: dict[str, Any] = {
+    "authorization": {
+        "default_action": "deny",
+        "rules": [
+            {"source": "api", "destination": "web", "action": "allow"},
+            {"source": "*", "destination": "db", "action": "allow"},
+            {"source": "batch", "destination": "db", "action": "deny"},
+        ],
+    },
+    "services": {
+        "api": {
+            "subsets": {"v1": {"version": "v1"}, "v2": {"tags": ["canary"]}},
+            "routes": [
+                {"match": {"path_prefix": "/admin", "headers": [{"name": "x-canary", "exact": "1"}]}, "to": "v2"},
+                {"split": [{"subset": "v1", "weight": 90}, {"subset": "v2", "weight": 10}]},
+            ],
+            "retries": {"attempts": 3, "per_try_timeout": "500ms"},
+            "timeout": "2s",
+            "circuit_breaker": {"max_requests": 10},
+            "outlier_detection": {"consecutive_5xx": 3},
+            "fault": {"delay": {"fixed": "100ms", "percent": 10}, "abort": {"status": 503, "percent": 20}},
+        },
+        "db": {
+            "subsets": {"a": {"tags": ["a"]}, "b": {"tags": ["b"]}},
+            "routes": [{"split": [{"subset": "a", "weight": 50}, {"subset": "b", "weight": 50}]}],
+        },
+        "web": {"rate_limit": {"requests_per_second": 5, "burst": 10}},
+    },
+}
+API_INSTANCES = (
+    Instance("198.51.100.12", 21000, node="vm2", tags=("canary",), meta=(("version", "v2"),)),
+    Instance("198.51.100.13", 21000, node="vm3", meta=(("version", "v1"),)),
+)
+
+
+@pytest.fixture(scope="module")
+def ca() -> MeshCA:
+    return MeshCA()
+
+
+def snapshot(ca: MeshCA, tmp: Path, policy: dict[str, Any] | None = None) -> Snapshot:
+    config = parse_config({**CONFIG, "envoy": {"config_dir": str(tmp)}})
+    return Snapshot(
+        config=config,
+        policy=parse_policy(POLICY if policy is None else policy, "test policy"),
+        roots=ca.roots,
+        leaves={s.name: ca.leaf(s.name) for s in config.services},
+        upstreams={"api": API_INSTANCES},
+    )
+
+
+def envoy_validate(envoy: Path, document: dict[str, Any], tmp: Path) -> subprocess.CompletedProcess[str]:
+    path = tmp / "validate.json"
+    path.write_text(json.dumps(document))
+    return subprocess.run(
+        [str(envoy), "--mode", "validate", "-c", str(path), "-l", "error"], capture_output=True, text=True, check=False
+    )
+
+
+@pytest.mark.parametrize("which", ["newest", "oldest"])
+def test_every_resource_is_accepted_by_envoy(
+    ca: MeshCA, tmp_path: Path, which: str, envoy_bin: Path, envoy_oldest_bin: Path
+) -> None:
+    snap = snapshot(ca, tmp_path)
+    resources = r.build(snap, r.Layout(tmp_path))
+    done = envoy_validate(
+        envoy_bin if which == "newest" else envoy_oldest_bin, static_equivalent(snap.config, resources), tmp_path
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_bootstrap_is_accepted_once_initial_files_exist(ca: MeshCA, tmp_path: Path, envoy_bin: Path) -> None:
+    snap = snapshot(ca, tmp_path)
+    refused = envoy_validate(envoy_bin, bootstrap(snap.config), tmp_path)
+    assert refused.returncode != 0, "without lds.json/cds.json Envoy must refuse the bootstrap"
+    initial_files(snap.config)
+    accepted = envoy_validate(envoy_bin, bootstrap(snap.config), tmp_path)
+    assert accepted.returncode == 0, accepted.stdout + accepted.stderr
+    admin = bootstrap(snap.config)["admin"]["address"]["socket_address"]
+    assert admin["address"] == "127.0.0.1"
+
+
+def test_a_broken_resource_is_refused_by_envoy(ca: MeshCA, tmp_path: Path, envoy_bin: Path) -> None:
+    snap = snapshot(ca, tmp_path)
+    resources = r.build(snap, r.Layout(tmp_path))
+    resources.clusters[0]["lb_policy"] = "NOT_A_POLICY"
+    done = envoy_validate(envoy_bin, static_equivalent(snap.config, resources), tmp_path)
+    assert done.returncode != 0
+
+
+def test_rendering_is_deterministic(ca: MeshCA, tmp_path: Path) -> None:
+    snap = snapshot(ca, tmp_path)
+    first = r.build(snap, r.Layout(tmp_path))
+    reordered = Snapshot(**{**snap.__dict__, "upstreams": {"api": tuple(reversed(API_INSTANCES))}})
+    second = r.build(reordered, r.Layout(tmp_path))
+    assert json.dumps(first.__dict__, sort_keys=True) == json.dumps(second.__dict__, sort_keys=True)
+
+
+def test_subsets_split_and_header_route(ca: MeshCA, tmp_path: Path) -> None:
+    resources = r.build(snapshot(ca, tmp_path), r.Layout(tmp_path))
+    v2 = resources.endpoints["out.web.api.v2"]["endpoints"][0]["lb_endpoints"]
+    assert [e["endpoint"]["address"]["socket_address"]["address"] for e in v2] == ["198.51.100.12"]
+    v1 = resources.endpoints["out.web.api.v1"]["endpoints"][0]["lb_endpoints"]
+    assert [e["endpoint"]["address"]["socket_address"]["address"] for e in v1] == ["198.51.100.13"]
+    routes = resources.routes["out.web.api"]["virtual_hosts"][0]["routes"]
+    assert routes[0]["match"] == {"prefix": "/admin", "headers": [{"name": "x-canary", "string_match": {"exact": "1"}}]}
+    assert routes[0]["route"]["cluster"] == "out.web.api.v2"
+    weights = {c["name"]: c["weight"] for c in routes[1]["route"]["weighted_clusters"]["clusters"]}
+    assert weights == {"out.web.api.v1": 90, "out.web.api.v2": 10}
+    assert routes[1]["route"]["retry_policy"]["num_retries"] == 3
+    assert routes[1]["route"]["timeout"] == "2.000s"
+    # The catch-all route keeps traffic flowing for requests no rule matched.
+    assert len(routes) == 2, "a split on prefix / already catches everything"
+
+
+def test_outbound_cluster_verifies_the_destination_identity(ca: MeshCA, tmp_path: Path) -> None:
+    resources = r.build(snapshot(ca, tmp_path), r.Layout(tmp_path))
+    cluster = next(c for c in resources.clusters if c["name"] == "out.web.api")
+    tls = cluster["transport_socket"]["typed_config"]["common_tls_context"]
+    matcher = tls["combined_validation_context"]["default_validation_context"]["match_typed_subject_alt_names"][0]
+    assert matcher["san_type"] == "URI"
+    assert matcher["matcher"]["safe_regex"]["regex"].endswith("/svc/api$")
+    assert tls["tls_certificate_sds_secret_configs"][0]["name"] == "leaf.web"
+
+
+def test_inbound_requires_client_certificates(ca: MeshCA, tmp_path: Path) -> None:
+    resources = r.build(snapshot(ca, tmp_path), r.Layout(tmp_path))
+    for listener in (x for x in resources.listeners if x["name"].startswith("inbound.")):
+        tls = listener["filter_chains"][0]["transport_socket"]["typed_config"]
+        assert tls["require_client_certificate"] is True
+        assert listener["address"]["socket_address"]["port_value"] in {21000, 21001, 21002}
+
+
+def rule(source: str, destination: str, action: str) -> AuthorizationRule:
+    return AuthorizationRule.model_validate({"source": source, "destination": destination, "action": action})
+
+
+@pytest.mark.parametrize(
+    ("rules", "default", "expected"),
+    [
+        ([], "deny", r.Decision("deny", (), ())),
+        ([], "allow", r.Decision("allow", (), ())),
+        ([rule("web", "api", "allow")], "deny", r.Decision("deny", ("web",), ())),
+        ([rule("*", "api", "allow"), rule("batch", "api", "deny")], "deny", r.Decision("allow", (), ("batch",))),
+        # exact destination beats wildcard destination
+        ([rule("web", "*", "deny"), rule("web", "api", "allow")], "deny", r.Decision("deny", ("web",), ())),
+        ([rule("*", "api", "deny"), rule("web", "*", "allow")], "allow", r.Decision("deny", (), ())),
+        # equal precedence: deny wins (an intention and a policy rule that disagree)
+        ([rule("web", "api", "allow"), rule("web", "api", "deny")], "allow", r.Decision("allow", (), ("web",))),
+        ([rule("web", "other", "allow")], "deny", r.Decision("deny", (), ())),
+    ],
+)
+def test_authorization_follows_intention_precedence(
+    rules: list[AuthorizationRule], default: str, expected: r.Decision
+) -> None:
+    assert r.decide("api", rules, default) == expected
+
+
+def test_rbac_for_deny_all_allows_nobody(ca: MeshCA, tmp_path: Path) -> None:
+    resources = r.build(snapshot(ca, tmp_path, {}), r.Layout(tmp_path))
+    inbound = next(x for x in resources.listeners if x["name"] == "inbound.web")
+    hcm = inbound["filter_chains"][0]["filters"][0]["typed_config"]
+    rbac = hcm["http_filters"][0]["typed_config"]["rules"]
+    assert rbac == {"action": "ALLOW", "policies": {}}
+
+
+def test_writer_is_ordered_idempotent_and_removes_stale(ca: MeshCA, tmp_path: Path) -> None:
+    layout = r.Layout(tmp_path)
+    snap = snapshot(ca, tmp_path)
+    first = write(r.build(snap, layout), layout)
+    assert first.written > 5
+    assert (tmp_path / "eds" / "out.web.api.v2" / "cla.json").exists()
+    assert (tmp_path / "sds" / "leaf.web.json").stat().st_mode & 0o777 == 0o640
+    assert write(r.build(snap, layout), layout).written == 0, "unchanged resources must not touch files"
+    without_subsets = write(r.build(Snapshot(**{**snap.__dict__, "policy": parse_policy({}, "empty")}), layout), layout)
+    assert without_subsets.removed >= 4
+    assert not (tmp_path / "eds" / "out.web.api.v2").exists()
+    files = json.loads((tmp_path / "sds" / "leaf.web.json").read_text())
+    assert len(files["resources"]) == 1, "Envoy accepts exactly one secret per SDS file"

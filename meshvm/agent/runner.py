@@ -60,9 +60,13 @@ class Agent:
 
     # --- state updates from watches ------------------------------------------------------------------------
 
-    def _update(self, **changes: Any) -> None:
+    def _update(self, change: Callable[[Snapshot], dict[str, Any] | None]) -> None:
+        """Apply ``change`` to the snapshot atomically; it returns the fields to replace, or None for no change."""
         with self._lock:
-            self._snapshot = replace(self._snapshot, **changes)
+            fields = change(self._snapshot)
+            if not fields:
+                return
+            self._snapshot = replace(self._snapshot, **fields)
             if self._pending_since is None:
                 self._pending_since = time.monotonic()
         self._dirty.set()
@@ -70,30 +74,31 @@ class Agent:
     def _set_upstream(self, service: str) -> Callable[[tuple[Instance, ...]], None]:
         def apply(instances: tuple[Instance, ...]) -> None:
             self.metrics.endpoints.set(len(instances), service=service)
-            with self._lock:
-                current = dict(self._snapshot.upstreams)
-            if current.get(service) == instances:
-                return
-            current[service] = instances
-            self._update(upstreams=current)
+
+            def change(snapshot: Snapshot) -> dict[str, Any] | None:
+                if snapshot.upstreams.get(service) == instances:
+                    return None
+                return {"upstreams": {**snapshot.upstreams, service: instances}}
+
+            self._update(change)
 
         return apply
 
     def _set_leaf(self, leaf: Leaf) -> None:
-        with self._lock:
-            leaves = dict(self._snapshot.leaves)
-        if leaves.get(leaf.service) == leaf:
-            return
+        def change(snapshot: Snapshot) -> dict[str, Any] | None:
+            if snapshot.leaves.get(leaf.service) == leaf:
+                return None
+            return {"leaves": {**snapshot.leaves, leaf.service: leaf}}
+
         self.metrics.leaf_rotations.inc(service=leaf.service)
         log.info("leaf certificate for %s: serial %s, valid until %s", leaf.service, leaf.serial, leaf.valid_before)
-        leaves[leaf.service] = leaf
-        self._update(leaves=leaves)
+        self._update(change)
 
     def _set_roots(self, roots: Roots) -> None:
-        self._update(roots=roots)
+        self._update(lambda snapshot: None if snapshot.roots == roots else {"roots": roots})
 
     def _set_intentions(self, rules: tuple[AuthorizationRule, ...]) -> None:
-        self._update(intentions=rules)
+        self._update(lambda snapshot: None if snapshot.intentions == rules else {"intentions": rules})
 
     def _set_policy(self, raw: bytes | None) -> None:
         key = f"{self.config.consul.policy_prefix}/{POLICY_KEY}"
@@ -112,7 +117,7 @@ class Agent:
         self.metrics.policy_valid.set(1)
         if self._last_error.startswith("Consul KV"):
             self._last_error = ""
-        self._update(policy=policy)
+        self._update(lambda snapshot: None if snapshot.policy == policy else {"policy": policy})
 
     def _on_health(self, key: str, ok: bool, error: str) -> None:
         with self._lock:

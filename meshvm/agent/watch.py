@@ -35,13 +35,13 @@ class Watch(threading.Thread, Generic[T]):
         self.key = name
         self._fetch = fetch
         self._apply = apply
-        self._stop = stop
+        self._stopping = stop
         self._on_health = on_health
         self.index = 0
 
     def run(self) -> None:
         backoff = BACKOFF_START
-        while not self._stop.is_set():
+        while not self._stopping.is_set():
             started = time.monotonic()
             try:
                 new_index, value = self._fetch(self.index)
@@ -50,7 +50,7 @@ class Watch(threading.Thread, Generic[T]):
                 # Full jitter: agents that lost Consul together must not come back together.
                 delay = random.uniform(0, backoff)  # noqa: S311 - jitter, not cryptography
                 log.warning("%s: %s; retrying in %.1fs", self.name, exc, delay)
-                self._stop.wait(delay)
+                self._stopping.wait(delay)
                 backoff = min(backoff * 2, BACKOFF_MAX)
                 continue
             self._on_health(self.key, True, "")
@@ -69,4 +69,4 @@ class Watch(threading.Thread, Generic[T]):
                 log.error("%s: %s", self.name, exc)
             elapsed = time.monotonic() - started
             if elapsed < MIN_QUERY_INTERVAL:
-                self._stop.wait(MIN_QUERY_INTERVAL - elapsed)
+                self._stopping.wait(MIN_QUERY_INTERVAL - elapsed)

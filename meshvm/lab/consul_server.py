@@ -89,15 +89,13 @@ def start(binary: Path, state: Path) -> dict[str, Any]:
     ports = ConsulPorts.pick()
     gossip_key = base64.b64encode(secrets.token_bytes(32)).decode()
     master_token = _uuid()
-    config_path = state / "consul" / "server.json"
+    config_path = config_file(state)
     config = server_config(
         data_dir=state / "consul" / "data", ports=ports, gossip_key=gossip_key, master_token=master_token
     )
     atomic_write(config_path, json.dumps(config, indent=2), mode=0o600)
-    log_path = state / "consul" / "consul.log"
-    pid = spawn([str(binary), "agent", f"-config-file={config_path}"], log_path=log_path)
+    pid = launch(binary, state)
     http = f"http://127.0.0.1:{ports.http}"
-    wait_until("Consul leader", _has_leader(http), timeout=30, log_path=log_path, pid=pid)
     vm_token = _create_vm_token(http, master_token)
     return {
         "pid": pid,
@@ -109,8 +107,22 @@ def start(binary: Path, state: Path) -> dict[str, Any]:
         "gossip_key": gossip_key,
         "management_token": master_token,
         "vm_token": vm_token,
-        "log": str(log_path),
+        "log": str(state / "consul" / "consul.log"),
     }
+
+
+def config_file(state: Path) -> Path:
+    return state / "consul" / "server.json"
+
+
+def launch(binary: Path, state: Path) -> int:
+    """Start the server from its saved configuration (and data) and wait for a leader; returns its PID."""
+    config = json.loads(config_file(state).read_text())
+    log_path = state / "consul" / "consul.log"
+    pid = spawn([str(binary), "agent", f"-config-file={config_file(state)}"], log_path=log_path)
+    http = f"http://127.0.0.1:{config['ports']['http']}"
+    wait_until("Consul leader", _has_leader(http), timeout=30, log_path=log_path, pid=pid)
+    return pid
 
 
 def _uuid() -> str:

@@ -40,6 +40,9 @@ def _translate(what: str, address: str) -> Iterator[None]:
             f"Consul refused {what}: permission denied", hint="the ACL token lacks the rights for it"
         ) from exc
     except consul.ConsulException as exc:
+        if str(exc)[:1] == "5":
+            # The local agent answers 500 when it cannot reach a server: for us that is Consul being away.
+            raise PeerUnreachableError(f"Consul servers unreachable ({what}): {exc}") from exc
         raise OperationFailedError(f"Consul failed {what}: {exc}") from exc
 
 
@@ -169,10 +172,13 @@ class ConsulClient:
     # --- watches -----------------------------------------------------------------------------------------
 
     def health_connect(self, service: str, index: int = 0) -> Indexed[tuple[Instance, ...]]:
-        """Passing sidecars of ``service``; blocks while ``index`` is current."""
-        new_index, entries = self._blocking(
-            f"health/connect/{service}", f"/v1/health/connect/{service}", index, [("passing", "1")]
-        )
+        """Every sidecar of ``service`` with its health (critical anywhere = unhealthy); blocks on ``index``.
+
+        Unhealthy instances are kept and marked, not dropped: Envoy routes around them, and when too few are
+        healthy (as right after a Consul server restart, before gossip has confirmed every node) its panic
+        threshold keeps traffic flowing instead of answering 503 for an application that is fine.
+        """
+        new_index, entries = self._blocking(f"health/connect/{service}", f"/v1/health/connect/{service}", index)
         instances = []
         for entry in entries or []:
             svc, node = entry["Service"], entry["Node"]
@@ -183,6 +189,7 @@ class ConsulClient:
                     node=node["Node"],
                     tags=tuple(sorted(svc.get("Tags") or [])),
                     meta=tuple(sorted((svc.get("Meta") or {}).items())),
+                    healthy=all(c.get("Status") != "critical" for c in entry.get("Checks") or []),
                 )
             )
         return int(new_index), tuple(sorted(instances))

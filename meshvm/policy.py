@@ -102,7 +102,8 @@ class CircuitBreaker(Strict):
     max_connections: int = Field(1024, ge=1)
     max_pending_requests: int = Field(1024, ge=1)
     max_requests: int = Field(1024, ge=1)
-    max_retries: int = Field(3, ge=0)
+    # Concurrent retries; Envoy's default of 3 makes retries fail under any real concurrency (Istio uses ~unlimited).
+    max_retries: int = Field(1024, ge=0)
 
 
 class OutlierDetection(Strict):

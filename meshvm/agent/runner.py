@@ -26,6 +26,8 @@ from meshvm.policy import POLICY_KEY, AuthorizationRule, MeshPolicy, parse_polic
 
 log = logging.getLogger(__name__)
 REGISTER_BACKOFF_MAX = 10.0
+REGISTRATION_CHECK_INTERVAL = 5.0
+RECONNECT_GRACE = 15.0  # seconds after a Consul error during which an empty catalog answer is not trusted
 
 
 def sd_notify(message: str) -> None:
@@ -55,6 +57,8 @@ class Agent:
         self._rendered_once = False
         self._last_error = ""
         self._intentions_supported = True
+        self._last_consul_error = float("-inf")
+        self._latest_upstreams: dict[str, tuple[Instance, ...]] = {}
         self._server: ThreadingHTTPServer | None = None
         self.metrics.policy_valid.set(1)
 
@@ -73,16 +77,43 @@ class Agent:
 
     def _set_upstream(self, service: str) -> Callable[[tuple[Instance, ...]], None]:
         def apply(instances: tuple[Instance, ...]) -> None:
-            self.metrics.endpoints.set(len(instances), service=service)
-
-            def change(snapshot: Snapshot) -> dict[str, Any] | None:
-                if snapshot.upstreams.get(service) == instances:
-                    return None
-                return {"upstreams": {**snapshot.upstreams, service: instances}}
-
-            self._update(change)
+            self._latest_upstreams[service] = instances
+            with self._lock:
+                known = self._snapshot.upstreams.get(service, ())
+                reconnected = time.monotonic() - self._last_consul_error < RECONNECT_GRACE
+            if not instances and known and reconnected:
+                # Right after Consul comes back, it can answer with an empty (not yet rebuilt, or ACL-filtered)
+                # catalog. Keep the last good endpoints; accept "empty" only if it still holds after the grace.
+                log.warning(
+                    "%s: Consul returned no instances just after reconnecting; keeping the last %d for %.0fs",
+                    service,
+                    len(known),
+                    RECONNECT_GRACE,
+                )
+                timer = threading.Timer(RECONNECT_GRACE, lambda: self._commit_upstream(service))
+                timer.daemon = True
+                timer.start()
+                return
+            self._commit_upstream(service)
 
         return apply
+
+    def _commit_upstream(self, service: str) -> None:
+        instances = self._latest_upstreams.get(service, ())
+        self.metrics.endpoints.set(sum(i.healthy for i in instances), service=service)
+        protocols = {dict(i.meta).get("protocol") for i in instances} - {None}
+
+        def change(snapshot: Snapshot) -> dict[str, Any] | None:
+            fields: dict[str, Any] = {}
+            if snapshot.upstreams.get(service) != instances:
+                fields["upstreams"] = {**snapshot.upstreams, service: instances}
+            # Remember what the destination speaks even when it has no instance for a while: a listener that
+            # flipped to TCP and back on every outage would drop connections twice.
+            if len(protocols) == 1 and snapshot.protocols.get(service) not in protocols:
+                fields["protocols"] = {**snapshot.protocols, service: protocols.pop()}
+            return fields or None
+
+        self._update(change)
 
     def _set_leaf(self, leaf: Leaf) -> None:
         def change(snapshot: Snapshot) -> dict[str, Any] | None:
@@ -90,6 +121,9 @@ class Agent:
                 return None
             return {"leaves": {**snapshot.leaves, leaf.service: leaf}}
 
+        with self._lock:
+            if self._snapshot.leaves.get(leaf.service) == leaf:
+                return
         self.metrics.leaf_rotations.inc(service=leaf.service)
         log.info("leaf certificate for %s: serial %s, valid until %s", leaf.service, leaf.serial, leaf.valid_before)
         self._update(change)
@@ -125,6 +159,7 @@ class Agent:
                 self._watch_health.pop(key, None)
             else:
                 self._watch_health[key] = error
+                self._last_consul_error = time.monotonic()
             healthy = not self._watch_health
         self.metrics.consul_up.set(1 if healthy else 0)
         if not ok:
@@ -228,6 +263,19 @@ class Agent:
                 delay = min(delay * 2, REGISTER_BACKOFF_MAX)
         return
 
+    def _keep_registered(self) -> None:
+        """Anti-entropy for our own registrations: a local Consul agent that lost them (wiped, rebuilt) gets
+        them back within ``REGISTRATION_CHECK_INTERVAL``."""
+        expected = {s.name for s in self.config.services} | {s.sidecar_id for s in self.config.services}
+        while not self.stop_event.wait(REGISTRATION_CHECK_INTERVAL):
+            try:
+                missing = expected - set(self.client.registered())
+                if missing:
+                    log.warning("Consul lost %s; registering again", ", ".join(sorted(missing)))
+                    self.client.register(self.config)
+            except MeshvmError as exc:
+                log.debug("registration check skipped: %s", exc)
+
     # --- health endpoint -----------------------------------------------------------------------------------
 
     def health(self) -> tuple[int, dict[str, Any]]:
@@ -281,6 +329,7 @@ class Agent:
         self._register_until_done()
         for watch in self.watches():
             watch.start()
+        threading.Thread(target=self._keep_registered, name="registration", daemon=True).start()
         debounce = self.config.agent.debounce
         while not self.stop_event.is_set():
             if not self._dirty.wait(timeout=1.0):

@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 BACKOFF_START = 0.2
-BACKOFF_MAX = 10.0
+BACKOFF_MAX = 2.0  # with full jitter: back within 2 s of Consul, without agents retrying in lockstep
 MIN_QUERY_INTERVAL = 0.01  # do not spin if Consul keeps returning at once
 
 
@@ -47,6 +47,9 @@ class Watch(threading.Thread, Generic[T]):
                 new_index, value = self._fetch(self.index)
             except MeshvmError as exc:
                 self._on_health(self.key, False, str(exc))
+                # Come back with a plain read, not a blocking one on an index from before the outage: it
+                # answers at once (so recovery is seen at once) and the state it returns is current.
+                self.index = 0
                 # Full jitter: agents that lost Consul together must not come back together.
                 delay = random.uniform(0, backoff)  # noqa: S311 - jitter, not cryptography
                 log.warning("%s: %s; retrying in %.1fs", self.name, exc, delay)

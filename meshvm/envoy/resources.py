@@ -19,9 +19,10 @@ from meshvm.config import HTTP_PROTOCOLS, ServiceSpec
 from meshvm.envoy import types as t
 from meshvm.envoy.snapshot import Instance, Snapshot
 from meshvm.envoy.types import JSON
-from meshvm.policy import AuthorizationRule, HeaderMatch, Route, RouteMatch, ServicePolicy, Subset
+from meshvm.policy import AuthorizationRule, CircuitBreaker, HeaderMatch, Route, RouteMatch, ServicePolicy, Subset
 
 ROOTS = "roots"
+DENY_ALL: JSON = {"action": "ALLOW", "policies": {}}  # an ALLOW rule set with no policy lets nobody in
 SPIFFE_ANY_SERVICE = r"[^/]+"
 
 
@@ -127,7 +128,7 @@ def rbac_rules(decision: Decision, trust_domain: str) -> JSON:
             }
         return {"action": "ALLOW", "policies": {"mesh": {"permissions": [{"any": True}], "principals": [principal]}}}
     if not decision.allowed:
-        return {"action": "ALLOW", "policies": {}}
+        return DENY_ALL
     return {
         "action": "ALLOW",
         "policies": {
@@ -178,66 +179,77 @@ def _local_cluster(snapshot: Snapshot, service: ServiceSpec) -> JSON:
     return cluster
 
 
-def _local_rate_limit(service: ServiceSpec, policy: ServicePolicy) -> list[JSON]:
+def _local_rate_limit(service: ServiceSpec, policy: ServicePolicy) -> JSON | None:
+    """Per-route LocalRateLimit: a token bucket for the destination's inbound route; 429 beyond it."""
     if policy.rate_limit is None:
-        return []
+        return None
     limit = policy.rate_limit
-    bucket = {
-        "max_tokens": limit.burst or limit.requests_per_second,
-        "tokens_per_fill": limit.requests_per_second,
-        "fill_interval": "1s",
+    always = {"numerator": 100, "denominator": "HUNDRED"}
+    return {
+        "@type": t.LOCAL_RATELIMIT,
+        "stat_prefix": f"inbound_{service.name}_ratelimit",
+        "token_bucket": {
+            "max_tokens": limit.burst or limit.requests_per_second,
+            "tokens_per_fill": limit.requests_per_second,
+            "fill_interval": "1s",
+        },
+        "filter_enabled": {"runtime_key": "meshvm_ratelimit_enabled", "default_value": always},
+        "filter_enforced": {"runtime_key": "meshvm_ratelimit_enforced", "default_value": always},
+        "response_headers_to_add": [
+            {"append_action": "OVERWRITE_IF_EXISTS_OR_ADD", "header": {"key": "x-meshvm-ratelimited", "value": "true"}}
+        ],
     }
-    return [
-        {
-            "name": "envoy.filters.http.local_ratelimit",
-            "typed_config": {
-                "@type": t.LOCAL_RATELIMIT,
-                "stat_prefix": f"inbound_{service.name}_ratelimit",
-                "token_bucket": bucket,
-                "filter_enabled": {
-                    "runtime_key": "meshvm_ratelimit_enabled",
-                    "default_value": {"numerator": 100, "denominator": "HUNDRED"},
-                },
-                "filter_enforced": {
-                    "runtime_key": "meshvm_ratelimit_enforced",
-                    "default_value": {"numerator": 100, "denominator": "HUNDRED"},
-                },
-                "response_headers_to_add": [
+
+
+# HTTP policy lives in routes (RDS), not in the listener: a route update applies to the next request on every
+# existing connection, while a listener update only reaches new connections once the old ones drain.
+
+
+def _inbound_routes(service: ServiceSpec, policy: ServicePolicy, rbac: JSON) -> JSON:
+    per_filter: JSON = {"envoy.filters.http.rbac": {"@type": t.HTTP_RBAC_PER_ROUTE, "rbac": {"rules": rbac}}}
+    limit = _local_rate_limit(service, policy)
+    if limit is not None:
+        per_filter["envoy.filters.http.local_ratelimit"] = limit
+    return {
+        "name": f"inbound.{service.name}",
+        "virtual_hosts": [
+            {
+                "name": service.name,
+                "domains": ["*"],
+                "routes": [
                     {
-                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
-                        "header": {"key": "x-meshvm-ratelimited", "value": "true"},
+                        "match": {"prefix": "/"},
+                        "route": {"cluster": f"local.{service.name}", "timeout": "0s"},
+                        "typed_per_filter_config": per_filter,
                     }
                 ],
-            },
-        }
-    ]
+            }
+        ],
+    }
 
 
-def _inbound_listener(snapshot: Snapshot, layout: Layout, service: ServiceSpec, rbac: JSON) -> JSON:
+def _inbound_listener(
+    snapshot: Snapshot, layout: Layout, service: ServiceSpec, rbac: JSON, resources: Resources
+) -> JSON:
     config = snapshot.config
     policy = snapshot.policy.for_service(service.name)
     stat = f"inbound_{service.name}"
     if service.protocol in HTTP_PROTOCOLS:
-        route_config = {
-            "name": f"inbound.{service.name}",
-            "virtual_hosts": [
-                {
-                    "name": service.name,
-                    "domains": ["*"],
-                    "routes": [
-                        {"match": {"prefix": "/"}, "route": {"cluster": f"local.{service.name}", "timeout": "0s"}}
-                    ],
-                }
-            ],
-        }
+        routes = _inbound_routes(service, policy, rbac)
+        resources.routes[routes["name"]] = routes
         hcm: JSON = {
             "@type": t.HCM,
             "stat_prefix": stat,
             "codec_type": "AUTO",
-            "route_config": route_config,
+            "rds": {"route_config_name": routes["name"], "config_source": t.file_source(layout.rds(routes["name"]))},
             "http_filters": [
-                {"name": "envoy.filters.http.rbac", "typed_config": {"@type": t.HTTP_RBAC, "rules": rbac}},
-                *_local_rate_limit(service, policy),
+                # Fails closed: the listener-level rules deny everyone; each route carries the real rules.
+                {"name": "envoy.filters.http.rbac", "typed_config": {"@type": t.HTTP_RBAC, "rules": DENY_ALL}},
+                # Without a token bucket here the filter is inert; routes with a rate limit configure it.
+                {
+                    "name": "envoy.filters.http.local_ratelimit",
+                    "typed_config": {"@type": t.LOCAL_RATELIMIT, "stat_prefix": f"{stat}_ratelimit"},
+                },
                 {"name": "envoy.filters.http.router", "typed_config": {"@type": t.ROUTER}},
             ],
             "forward_client_cert_details": "SANITIZE_SET",
@@ -331,20 +343,20 @@ def _upstream_cluster(
                 "explicit_http_config": {"http2_protocol_options": {}},
             }
         }
-    if policy.circuit_breaker is not None:
-        breaker = policy.circuit_breaker
-        cluster["circuit_breakers"] = {
-            "thresholds": [
-                {
-                    "priority": "DEFAULT",
-                    "max_connections": breaker.max_connections,
-                    "max_pending_requests": breaker.max_pending_requests,
-                    "max_requests": breaker.max_requests,
-                    "max_retries": breaker.max_retries,
-                    "track_remaining": True,
-                }
-            ]
-        }
+    # Always explicit: Envoy's default of 3 concurrent retries would make any retry policy fail under load.
+    breaker = policy.circuit_breaker or CircuitBreaker()
+    cluster["circuit_breakers"] = {
+        "thresholds": [
+            {
+                "priority": "DEFAULT",
+                "max_connections": breaker.max_connections,
+                "max_pending_requests": breaker.max_pending_requests,
+                "max_requests": breaker.max_requests,
+                "max_retries": breaker.max_retries,
+                "track_remaining": True,
+            }
+        ]
+    }
     if policy.outlier_detection is not None:
         outlier = policy.outlier_detection
         cluster["outlier_detection"] = {
@@ -360,7 +372,10 @@ def _upstream_cluster(
 
 def _load_assignment(name: str, instances: list[Instance]) -> JSON:
     endpoints = [
-        {"endpoint": {"address": t.socket_address(i.address, i.port)}, "health_status": "HEALTHY"}
+        {
+            "endpoint": {"address": t.socket_address(i.address, i.port)},
+            "health_status": "HEALTHY" if i.healthy else "UNHEALTHY",
+        }
         for i in sorted(instances)
     ]
     return {"cluster_name": name, "endpoints": [{"lb_endpoints": endpoints}] if endpoints else []}
@@ -417,9 +432,10 @@ def _targets(base: str, route: Route | None) -> list[tuple[str, int]]:
     return [(base if tg.subset is None else f"{base}.{tg.subset}", tg.weight) for tg in route.targets()]
 
 
-def _fault_filter(policy: ServicePolicy) -> list[JSON]:
+def _fault(policy: ServicePolicy) -> JSON | None:
+    """Per-route HTTPFault for calls to the destination (client side, as Istio does)."""
     if policy.fault is None:
-        return []
+        return None
     fault: JSON = {"@type": t.FAULT}
     if policy.fault.delay is not None:
         fault["delay"] = {
@@ -427,8 +443,11 @@ def _fault_filter(policy: ServicePolicy) -> list[JSON]:
             "percentage": t.percent(policy.fault.delay.percent),
         }
     if policy.fault.abort is not None:
-        fault["abort"] = {"http_status": policy.fault.abort.status, "percentage": t.percent(policy.fault.abort.percent)}
-    return [{"name": "envoy.filters.http.fault", "typed_config": fault}]
+        fault["abort"] = {
+            "http_status": policy.fault.abort.status,
+            "percentage": t.percent(policy.fault.abort.percent),
+        }
+    return fault
 
 
 def _outbound(snapshot: Snapshot, layout: Layout, source: ServiceSpec, resources: Resources) -> None:
@@ -455,17 +474,19 @@ def _outbound(snapshot: Snapshot, layout: Layout, source: ServiceSpec, resources
                 envoy_routes.append(
                     {"match": {"prefix": "/"}, "route": _route_action(policy, _targets(base, None), protocol)}
                 )
-            resources.routes[base] = {
-                "name": base,
-                "virtual_hosts": [{"name": destination, "domains": ["*"], "routes": envoy_routes}],
-            }
+            virtual_host: JSON = {"name": destination, "domains": ["*"], "routes": envoy_routes}
+            fault = _fault(policy)
+            if fault is not None:
+                virtual_host["typed_per_filter_config"] = {"envoy.filters.http.fault": fault}
+            resources.routes[base] = {"name": base, "virtual_hosts": [virtual_host]}
             hcm: JSON = {
                 "@type": t.HCM,
                 "stat_prefix": stat,
                 "codec_type": "AUTO",
                 "rds": {"route_config_name": base, "config_source": t.file_source(layout.rds(base))},
                 "http_filters": [
-                    *_fault_filter(policy),
+                    # Inert here; the routes carry the faults, so a policy change reaches open connections.
+                    {"name": "envoy.filters.http.fault", "typed_config": {"@type": t.FAULT}},
                     {"name": "envoy.filters.http.router", "typed_config": {"@type": t.ROUTER}},
                 ],
                 "access_log": t.access_log(config.envoy.access_log_path),
@@ -519,7 +540,7 @@ def build(snapshot: Snapshot, layout: Layout) -> Resources:
         }
         decision = decide(service.name, rules, snapshot.policy.authorization.default_action)
         resources.listeners.append(
-            _inbound_listener(snapshot, layout, service, rbac_rules(decision, snapshot.roots.trust_domain))
+            _inbound_listener(snapshot, layout, service, rbac_rules(decision, snapshot.roots.trust_domain), resources)
         )
         resources.clusters.append(_local_cluster(snapshot, service))
         _outbound(snapshot, layout, service, resources)

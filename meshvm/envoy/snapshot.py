@@ -11,13 +11,14 @@ from meshvm.policy import AuthorizationRule, MeshPolicy
 
 @dataclass(frozen=True, order=True)
 class Instance:
-    """One healthy sidecar of a destination service, as Consul's /v1/health/connect reports it."""
+    """One sidecar of a destination service, as Consul's /v1/health/connect reports it."""
 
     address: str
     port: int
     node: str = ""
     tags: tuple[str, ...] = ()
     meta: tuple[tuple[str, str], ...] = ()
+    healthy: bool = True
 
     def meta_dict(self) -> dict[str, str]:
         return dict(self.meta)
@@ -45,6 +46,7 @@ class Snapshot:
     roots: Roots | None = None
     leaves: Mapping[str, Leaf] = field(default_factory=dict)
     upstreams: Mapping[str, tuple[Instance, ...]] = field(default_factory=dict)
+    protocols: Mapping[str, str] = field(default_factory=dict)  # learned from registrations, kept when none is left
     intentions: tuple[AuthorizationRule, ...] = ()
 
     def ready(self) -> bool:
@@ -59,8 +61,8 @@ class Snapshot:
         policy = self.policy.for_service(destination)
         if policy.protocol is not None:
             return policy.protocol
-        for instance in self.upstreams.get(destination, ()):
-            registered = instance.meta_dict().get("protocol")
-            if registered in {"http", "http2", "grpc", "tcp"}:
-                return registered
-        return "tcp"
+        registered = self.protocols.get(destination)
+        if registered is None:
+            found = {i.meta_dict().get("protocol") for i in self.upstreams.get(destination, ())}
+            registered = found.pop() if len(found) == 1 else None
+        return registered if registered in {"http", "http2", "grpc", "tcp"} else "tcp"

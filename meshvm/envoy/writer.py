@@ -60,11 +60,13 @@ def _remove_stale(layout: Layout, resources: Resources) -> int:
             for path in directory.glob("*.json"):
                 if path not in keep:
                     path.unlink()
+                    log.info("removed %s", path.relative_to(layout.root))
                     removed += 1
     eds = layout.root / "eds"
     if eds.is_dir():
         for directory in eds.iterdir():
             if directory.name not in resources.endpoints:
                 shutil.rmtree(directory)
+                log.info("removed %s", directory.relative_to(layout.root))
                 removed += 1
     return removed

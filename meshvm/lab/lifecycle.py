@@ -121,6 +121,29 @@ def _write_access_files(lab: LabState, known_hosts: list[str], inventory: Path) 
     }
     header = f"# Written by `meshvm lab up` ({state}); `meshvm lab down` removes it.\n"
     atomic_write(inventory, header + yaml.safe_dump(hosts_yaml, sort_keys=False), mode=0o644)
+    # The lab's Consul for the roles (consul_agent, meshvm_agent) and playbooks/policy.yml. It holds the gossip key
+    # and ACL tokens, so it is readable by root only. The management token is here because only it may write the
+    # mesh policy in the lab; a real deployment gives policy.yml a token limited to `key_prefix "meshvm/"`.
+    lab_vars = {
+        "consul_agent_datacenter": lab.consul.datacenter,
+        "consul_agent_retry_join": [lab.consul.serf_lan_addr],
+        "consul_agent_encrypt": lab.consul.gossip_key,
+        "consul_agent_acl_agent_token": lab.consul.vm_token,
+        "meshvm_agent_consul_token": lab.consul.vm_token,
+        "meshvm_policy_consul_http_addr": lab.consul.http_addr,
+        "meshvm_policy_consul_token": lab.consul.management_token,
+    }
+    atomic_write(
+        lab_vars_path(inventory),
+        f"---\n# Written by `meshvm lab up` from {lab.path}; `meshvm lab down` removes it. Secrets: keep it 0600.\n"
+        + yaml.safe_dump(lab_vars, sort_keys=False),
+        mode=0o600,
+    )
+
+
+def lab_vars_path(inventory: Path) -> Path:
+    """``group_vars/all/lab.yml`` next to the lab inventory: the lab's Consul address, gossip key and tokens."""
+    return inventory.parent / "group_vars" / "all" / "lab.yml"
 
 
 def default_inventory_path(state_dir: Path) -> Path:
@@ -309,6 +332,7 @@ def down(*, state_dir: Path = DEFAULT_STATE_DIR) -> bool:
     attempt("network", network.bridge_down)
     if lab.inventory:
         attempt("inventory", lambda: Path(lab.inventory).unlink(missing_ok=True))
+        attempt("inventory vars", lambda: lab_vars_path(Path(lab.inventory)).unlink(missing_ok=True))
     if failures:
         raise MeshvmError(
             "lab down left something behind: " + "; ".join(failures),

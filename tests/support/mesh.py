@@ -248,14 +248,19 @@ class MeshNode:
                 return int(value)
         return 0
 
-    def endpoints(self, cluster: str) -> list[str]:
-        """Addresses Envoy currently has for ``cluster`` (from the admin API)."""
+    def endpoints(self, cluster: str, *, healthy_only: bool = True) -> list[str]:
+        """Addresses Envoy currently has (and, by default, considers healthy) for ``cluster``, from the admin API."""
         data = json.loads(self.admin("/clusters?format=json"))
         for status in data.get("cluster_statuses", []):
             if status["name"] == cluster:
+                hosts = [
+                    h
+                    for h in status.get("host_statuses", [])
+                    if not healthy_only or h.get("health_status", {}).get("eds_health_status") == "HEALTHY"
+                ]
                 return sorted(
                     f"{h['address']['socket_address']['address']}:{h['address']['socket_address']['port_value']}"
-                    for h in status.get("host_statuses", [])
+                    for h in hosts
                 )
         return []
 

@@ -194,12 +194,19 @@ def test_authorization_follows_intention_precedence(
     assert r.decide("api", rules, default) == expected
 
 
-def test_rbac_for_deny_all_allows_nobody(ca: MeshCA, tmp_path: Path) -> None:
+def test_rbac_fails_closed_and_routes_carry_the_rules(ca: MeshCA, tmp_path: Path) -> None:
     resources = r.build(snapshot(ca, tmp_path, {}), r.Layout(tmp_path))
     inbound = next(x for x in resources.listeners if x["name"] == "inbound.web")
     hcm = inbound["filter_chains"][0]["filters"][0]["typed_config"]
-    rbac = hcm["http_filters"][0]["typed_config"]["rules"]
-    assert rbac == {"action": "ALLOW", "policies": {}}
+    assert hcm["http_filters"][0]["typed_config"]["rules"] == r.DENY_ALL, "listener-level rules must deny"
+    route = resources.routes["inbound.web"]["virtual_hosts"][0]["routes"][0]
+    assert route["typed_per_filter_config"]["envoy.filters.http.rbac"]["rbac"]["rules"] == r.DENY_ALL
+    allowed = r.build(snapshot(ca, tmp_path), r.Layout(tmp_path)).routes["inbound.web"]
+    rules = allowed["virtual_hosts"][0]["routes"][0]["typed_per_filter_config"]["envoy.filters.http.rbac"]["rbac"]
+    principals = rules["rules"]["policies"]["intentions"]["principals"]
+    assert [p["authenticated"]["principal_name"]["safe_regex"]["regex"].rsplit("/", 1)[-1] for p in principals] == [
+        "api$"
+    ]
 
 
 def test_writer_is_ordered_idempotent_and_removes_stale(ca: MeshCA, tmp_path: Path) -> None:

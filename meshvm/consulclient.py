@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import consul
 import requests
+import requests.adapters
 from consul.callback import CB
 
 from meshvm.config import AgentConfig, CheckSpec, ConsulSpec, ServiceSpec
@@ -25,6 +26,16 @@ from meshvm.values import consul_duration
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Indexed = tuple[int, T]
+
+
+def watch_count(config: AgentConfig) -> int:
+    """Blocking queries the agent keeps open: roots, policy, intentions, a leaf per service, one per upstream.
+
+    Each is one HTTP connection to the local Consul agent, whose default ``limits.http_max_conns_per_client``
+    is 200: VMs calling more than ~190 services need that limit raised (the consul_agent role does).
+    """
+    upstreams = {u.service for s in config.services for u in s.upstreams}
+    return 3 + len(config.services) + len(upstreams)
 
 
 @contextmanager
@@ -47,16 +58,21 @@ def _translate(what: str, address: str) -> Iterator[None]:
 
 
 class ConsulClient:
-    def __init__(self, spec: ConsulSpec, token: str | None = None) -> None:
+    def __init__(self, spec: ConsulSpec, token: str | None = None, *, connections: int = 10) -> None:
         host, port = spec.http_addr.rsplit(":", 1)
         self.address = spec.http_addr
         self.wait = consul_duration(spec.blocking_wait)
         verify: bool | str = str(spec.ca_file) if spec.ca_file else True
         self.api = consul.Consul(host=host, port=int(port), scheme=spec.scheme, token=token, verify=verify)
+        # One kept-alive connection per concurrent blocking query; requests keeps only 10 by default and would
+        # open and throw away a connection for every other query.
+        adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=connections)
+        self.api.http.session.mount(f"{spec.scheme}://", adapter)
 
     @classmethod
     def for_agent(cls, config: AgentConfig) -> ConsulClient:
-        return cls(config.consul, config.consul.token())
+        """A client sized for the agent: one connection per watch (see ``watch_count``) plus a few spare."""
+        return cls(config.consul, config.consul.token(), connections=watch_count(config) + 4)
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         with _translate(what, self.address):

@@ -47,6 +47,8 @@ class Agent:
         self.config = config
         self.client = client or ConsulClient.for_agent(config)
         self.layout = envoy_resources.Layout(config.envoy.config_dir)
+        self._render_cache = envoy_resources.RenderCache()
+        self._writer = writer.Writer(self.layout)
         self.metrics = AgentMetrics()
         self.stop_event = threading.Event()
         self._lock = threading.Lock()
@@ -59,6 +61,7 @@ class Agent:
         self._intentions_supported = True
         self._last_consul_error = float("-inf")
         self._latest_upstreams: dict[str, tuple[Instance, ...]] = {}
+        self._latest_policy: bytes | None = None
         self._server: ThreadingHTTPServer | None = None
         self.metrics.policy_valid.set(1)
 
@@ -75,26 +78,34 @@ class Agent:
                 self._pending_since = time.monotonic()
         self._dirty.set()
 
+    def _defer_if_vanished(self, what: str, vanished: bool, commit: Callable[[], None]) -> bool:
+        """Right after Consul comes back it can answer "nothing" (a catalog or ACL state not rebuilt yet).
+
+        When something we had vanishes within ``RECONNECT_GRACE`` of a Consul error, keep the last good state and
+        commit whatever Consul says by then only once the grace has passed. Returns True when deferred.
+        """
+        with self._lock:
+            reconnected = time.monotonic() - self._last_consul_error < RECONNECT_GRACE
+        if not (vanished and reconnected):
+            return False
+        log.warning(
+            "%s vanished from Consul just after reconnecting; keeping the last good one for %.0fs",
+            what,
+            RECONNECT_GRACE,
+        )
+        timer = threading.Timer(RECONNECT_GRACE, commit)
+        timer.daemon = True
+        timer.start()
+        return True
+
     def _set_upstream(self, service: str) -> Callable[[tuple[Instance, ...]], None]:
         def apply(instances: tuple[Instance, ...]) -> None:
             self._latest_upstreams[service] = instances
             with self._lock:
-                known = self._snapshot.upstreams.get(service, ())
-                reconnected = time.monotonic() - self._last_consul_error < RECONNECT_GRACE
-            if not instances and known and reconnected:
-                # Right after Consul comes back, it can answer with an empty (not yet rebuilt, or ACL-filtered)
-                # catalog. Keep the last good endpoints; accept "empty" only if it still holds after the grace.
-                log.warning(
-                    "%s: Consul returned no instances just after reconnecting; keeping the last %d for %.0fs",
-                    service,
-                    len(known),
-                    RECONNECT_GRACE,
-                )
-                timer = threading.Timer(RECONNECT_GRACE, lambda: self._commit_upstream(service))
-                timer.daemon = True
-                timer.start()
-                return
-            self._commit_upstream(service)
+                known = bool(self._snapshot.upstreams.get(service))
+            commit = functools.partial(self._commit_upstream, service)
+            if not self._defer_if_vanished(f"every instance of {service}", not instances and known, commit):
+                commit()
 
         return apply
 
@@ -135,6 +146,14 @@ class Agent:
         self._update(lambda snapshot: None if snapshot.intentions == rules else {"intentions": rules})
 
     def _set_policy(self, raw: bytes | None) -> None:
+        self._latest_policy = raw
+        with self._lock:
+            have_policy = self._snapshot.policy != MeshPolicy()
+        if not self._defer_if_vanished("the mesh policy", raw is None and have_policy, self._commit_policy):
+            self._commit_policy()
+
+    def _commit_policy(self) -> None:
+        raw = self._latest_policy
         key = f"{self.config.consul.policy_prefix}/{POLICY_KEY}"
         if raw is None:
             policy = MeshPolicy()
@@ -218,7 +237,7 @@ class Agent:
             return False
         started = time.monotonic()
         try:
-            result = writer.write(envoy_resources.build(snapshot, self.layout), self.layout)
+            result = self._writer.write(envoy_resources.build(snapshot, self.layout, self._render_cache))
         except (OSError, ValueError, KeyError) as exc:
             self.metrics.errors.inc(kind="render")
             self._last_error = f"render: {exc}"

@@ -15,11 +15,20 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from meshvm.config import HTTP_PROTOCOLS, ServiceSpec
+from meshvm.config import HTTP_PROTOCOLS, ServiceSpec, UpstreamSpec
 from meshvm.envoy import types as t
 from meshvm.envoy.snapshot import Instance, Snapshot
 from meshvm.envoy.types import JSON
-from meshvm.policy import AuthorizationRule, CircuitBreaker, HeaderMatch, Route, RouteMatch, ServicePolicy, Subset
+from meshvm.policy import (
+    AuthorizationRule,
+    CircuitBreaker,
+    HeaderMatch,
+    MeshPolicy,
+    Route,
+    RouteMatch,
+    ServicePolicy,
+    Subset,
+)
 
 ROOTS = "roots"
 DENY_ALL: JSON = {"action": "ALLOW", "policies": {}}  # an ALLOW rule set with no policy lets nobody in
@@ -376,7 +385,7 @@ def _load_assignment(name: str, instances: list[Instance]) -> JSON:
             "endpoint": {"address": t.socket_address(i.address, i.port)},
             "health_status": "HEALTHY" if i.healthy else "UNHEALTHY",
         }
-        for i in sorted(instances)
+        for i in sorted(instances, key=lambda i: (i.address, i.port))
     ]
     return {"cluster_name": name, "endpoints": [{"lb_endpoints": endpoints}] if endpoints else []}
 
@@ -450,77 +459,103 @@ def _fault(policy: ServicePolicy) -> JSON | None:
     return fault
 
 
-def _outbound(snapshot: Snapshot, layout: Layout, source: ServiceSpec, resources: Resources) -> None:
+def _outbound(snapshot: Snapshot, layout: Layout, source: ServiceSpec, upstream: UpstreamSpec) -> Resources:
+    """Listener, route, clusters and endpoints through which ``source`` calls one upstream."""
     config = snapshot.config
-    for upstream in source.upstreams:
-        destination = upstream.service
-        protocol = snapshot.upstream_protocol(source.name, destination)
-        policy = snapshot.policy.for_service(destination)
-        base = f"out.{source.name}.{destination}"
-        instances = snapshot.upstreams.get(destination, ())
-        clusters = {base: list(instances)}
-        for subset_name, subset in sorted(policy.subsets.items()):
-            clusters[f"{base}.{subset_name}"] = _subset_instances(instances, subset)
-        for name, members in clusters.items():
-            resources.clusters.append(_upstream_cluster(snapshot, layout, source, name, destination, protocol, policy))
-            resources.endpoints[name] = _load_assignment(name, members)
-        stat = f"outbound_{source.name}_{destination}"
-        if protocol in HTTP_PROTOCOLS:
-            envoy_routes = [
-                {"match": _route_match(r.match), "route": _route_action(policy, _targets(base, r), protocol)}
-                for r in policy.routes
-            ]
-            if not any(r.match == RouteMatch() for r in policy.routes):
-                envoy_routes.append(
-                    {"match": {"prefix": "/"}, "route": _route_action(policy, _targets(base, None), protocol)}
-                )
-            virtual_host: JSON = {"name": destination, "domains": ["*"], "routes": envoy_routes}
-            fault = _fault(policy)
-            if fault is not None:
-                virtual_host["typed_per_filter_config"] = {"envoy.filters.http.fault": fault}
-            resources.routes[base] = {"name": base, "virtual_hosts": [virtual_host]}
-            hcm: JSON = {
-                "@type": t.HCM,
-                "stat_prefix": stat,
-                "codec_type": "AUTO",
-                "rds": {"route_config_name": base, "config_source": t.file_source(layout.rds(base))},
-                "http_filters": [
-                    # Inert here; the routes carry the faults, so a policy change reaches open connections.
-                    {"name": "envoy.filters.http.fault", "typed_config": {"@type": t.FAULT}},
-                    {"name": "envoy.filters.http.router", "typed_config": {"@type": t.ROUTER}},
-                ],
-                "access_log": t.access_log(config.envoy.access_log_path),
-            }
-            filters = [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]
+    resources = Resources()
+    destination = upstream.service
+    protocol = snapshot.upstream_protocol(source.name, destination)
+    policy = snapshot.policy.for_service(destination)
+    base = f"out.{source.name}.{destination}"
+    instances = snapshot.upstreams.get(destination, ())
+    clusters = {base: list(instances)}
+    for subset_name, subset in sorted(policy.subsets.items()):
+        clusters[f"{base}.{subset_name}"] = _subset_instances(instances, subset)
+    for name, members in clusters.items():
+        resources.clusters.append(_upstream_cluster(snapshot, layout, source, name, destination, protocol, policy))
+        resources.endpoints[name] = _load_assignment(name, members)
+    stat = f"outbound_{source.name}_{destination}"
+    if protocol in HTTP_PROTOCOLS:
+        envoy_routes = [
+            {"match": _route_match(r.match), "route": _route_action(policy, _targets(base, r), protocol)}
+            for r in policy.routes
+        ]
+        if not any(r.match == RouteMatch() for r in policy.routes):
+            envoy_routes.append(
+                {"match": {"prefix": "/"}, "route": _route_action(policy, _targets(base, None), protocol)}
+            )
+        virtual_host: JSON = {"name": destination, "domains": ["*"], "routes": envoy_routes}
+        fault = _fault(policy)
+        if fault is not None:
+            virtual_host["typed_per_filter_config"] = {"envoy.filters.http.fault": fault}
+        resources.routes[base] = {"name": base, "virtual_hosts": [virtual_host]}
+        hcm: JSON = {
+            "@type": t.HCM,
+            "stat_prefix": stat,
+            "codec_type": "AUTO",
+            "rds": {"route_config_name": base, "config_source": t.file_source(layout.rds(base))},
+            "http_filters": [
+                # Inert here; the routes carry the faults, so a policy change reaches open connections.
+                {"name": "envoy.filters.http.fault", "typed_config": {"@type": t.FAULT}},
+                {"name": "envoy.filters.http.router", "typed_config": {"@type": t.ROUTER}},
+            ],
+            "access_log": t.access_log(config.envoy.access_log_path),
+        }
+        filters = [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]
+    else:
+        targets = _targets(base, policy.routes[0] if policy.routes else None)
+        proxy: JSON = {
+            "@type": t.TCP_PROXY,
+            "stat_prefix": stat,
+            "access_log": t.access_log(config.envoy.access_log_path),
+        }
+        if len(targets) > 1:
+            proxy["weighted_clusters"] = {"clusters": [{"name": n, "weight": w} for n, w in targets if w > 0]}
         else:
-            targets = _targets(base, policy.routes[0] if policy.routes else None)
-            proxy: JSON = {
-                "@type": t.TCP_PROXY,
-                "stat_prefix": stat,
-                "access_log": t.access_log(config.envoy.access_log_path),
-            }
-            if len(targets) > 1:
-                proxy["weighted_clusters"] = {"clusters": [{"name": n, "weight": w} for n, w in targets if w > 0]}
-            else:
-                proxy["cluster"] = targets[0][0]
-            filters = [{"name": "envoy.filters.network.tcp_proxy", "typed_config": proxy}]
-        resources.listeners.append(
-            {
-                "name": f"outbound.{source.name}.{destination}",
-                "address": t.socket_address("127.0.0.1", upstream.local_port),
-                "traffic_direction": "OUTBOUND",
-                "filter_chains": [{"filters": filters}],
-            }
-        )
+            proxy["cluster"] = targets[0][0]
+        filters = [{"name": "envoy.filters.network.tcp_proxy", "typed_config": proxy}]
+    resources.listeners.append(
+        {
+            "name": f"outbound.{source.name}.{destination}",
+            "address": t.socket_address("127.0.0.1", upstream.local_port),
+            "traffic_direction": "OUTBOUND",
+            "filter_chains": [{"filters": filters}],
+        }
+    )
+    return resources
+
+
+@dataclass
+class RenderCache:
+    """What the last render built per upstream, reused while its inputs are unchanged.
+
+    A health flip of one of 1000 upstreams then rebuilds one upstream's resources, not 1000; the writer also
+    reuses the serialised text of every resource object it has seen (they are the same objects).
+    """
+
+    outbound: dict[tuple[object, ...], Resources] = field(default_factory=dict)
+    policy: MeshPolicy | None = None
+    policy_text: dict[str, str] = field(default_factory=dict)
+
+    def service_policy_text(self, policy: MeshPolicy, name: str) -> str:
+        if policy is not self.policy:
+            self.policy, self.policy_text = policy, {}
+        if name not in self.policy_text:
+            self.policy_text[name] = policy.for_service(name).model_dump_json()
+        return self.policy_text[name]
 
 
 # --- entry point ---------------------------------------------------------------------------------------------
 
 
-def build(snapshot: Snapshot, layout: Layout) -> Resources:
-    """All resources for ``snapshot``; the snapshot must be :meth:`Snapshot.ready`."""
+def build(snapshot: Snapshot, layout: Layout, cache: RenderCache | None = None) -> Resources:
+    """All resources for ``snapshot``; the snapshot must be :meth:`Snapshot.ready`.
+
+    With a ``cache`` (the agent keeps one), upstreams whose inputs did not change reuse the previous result.
+    """
     if snapshot.roots is None:
         raise ValueError("cannot render mTLS resources before the CA roots are known")
+    cache = cache if cache is not None else RenderCache()
     resources = Resources()
     resources.secrets[ROOTS] = {
         "name": ROOTS,
@@ -529,6 +564,7 @@ def build(snapshot: Snapshot, layout: Layout) -> Resources:
         },
     }
     rules = [*snapshot.intentions, *snapshot.policy.authorization.rules]
+    reused: dict[tuple[object, ...], Resources] = {}
     for service in sorted(snapshot.config.services, key=lambda s: s.name):
         leaf = snapshot.leaves[service.name]
         resources.secrets[leaf_name(service.name)] = {
@@ -543,7 +579,23 @@ def build(snapshot: Snapshot, layout: Layout) -> Resources:
             _inbound_listener(snapshot, layout, service, rbac_rules(decision, snapshot.roots.trust_domain), resources)
         )
         resources.clusters.append(_local_cluster(snapshot, service))
-        _outbound(snapshot, layout, service, resources)
+        for upstream in service.upstreams:
+            destination = upstream.service
+            key = (
+                service.name,
+                upstream,
+                snapshot.upstream_protocol(service.name, destination),
+                snapshot.upstreams.get(destination, ()),
+                cache.service_policy_text(snapshot.policy, destination),
+                snapshot.roots.trust_domain,
+            )
+            part = cache.outbound.get(key) or _outbound(snapshot, layout, service, upstream)
+            reused[key] = part
+            resources.listeners += part.listeners
+            resources.clusters += part.clusters
+            resources.routes.update(part.routes)
+            resources.endpoints.update(part.endpoints)
+    cache.outbound = reused
     resources.listeners.sort(key=lambda r: str(r["name"]))
     resources.clusters.sort(key=lambda r: str(r["name"]))
     return resources

@@ -24,49 +24,92 @@ class WriteResult:
     removed: int
 
 
-def _dump(type_url: str, resources: list[dict[str, Any]]) -> str:
-    body = [{"@type": type_url, **r} for r in resources]
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
-    version = hashlib.sha256(canonical.encode()).hexdigest()[:16]
-    return f'{{"version_info":"{version}","resources":{canonical}}}\n'
+class Writer:
+    """Keeps what it wrote (path -> text) and each resource's JSON, so an unchanged resource costs nothing.
+
+    The render cache hands back the very same objects for unchanged upstreams; their text is reused by
+    identity (the cache holds the object too, so its id cannot be recycled).
+    """
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+        self._scanned = False
+        self._on_disk: dict[str, str] = {}
+        self._texts: dict[int, tuple[dict[str, Any], str]] = {}
+        self._next_texts: dict[int, tuple[dict[str, Any], str]] = {}
+
+    def _text(self, type_url: str, item: dict[str, Any]) -> str:
+        cached = self._texts.get(id(item))
+        if cached is not None and cached[0] is item:
+            text = cached[1]
+        else:
+            text = json.dumps({"@type": type_url, **item}, separators=(",", ":"))
+        self._next_texts[id(item)] = (item, text)
+        return text
+
+    def _document(self, type_url: str, items: list[dict[str, Any]]) -> str:
+        body = ",".join(self._text(type_url, item) for item in items)
+        version = hashlib.sha256(body.encode()).hexdigest()[:16]
+        return f'{{"version_info":"{version}","resources":[{body}]}}\n'
+
+    def _put(self, path: str, text: str) -> bool:
+        if self._on_disk.get(path) == text:
+            return False
+        changed = atomic_write(Path(path), text, mode=FILE_MODE, durable=False)
+        self._on_disk[path] = text
+        return changed
+
+    def write(self, resources: Resources) -> WriteResult:
+        """Secrets, endpoints and routes first (they are referenced), then clusters, then listeners; stale last."""
+        layout, written = self.layout, 0
+        wanted: set[str] = set()
+        self._next_texts = {}
+        for name, secret in sorted(resources.secrets.items()):
+            path = str(layout.sds(name))
+            wanted.add(path)
+            written += self._put(path, self._document(t.SECRET, [secret]))
+        for name, assignment in sorted(resources.endpoints.items()):
+            path = str(layout.eds(name))
+            wanted.add(path)
+            written += self._put(path, self._document(t.CLUSTER_LOAD_ASSIGNMENT, [assignment]))
+        for name, route in sorted(resources.routes.items()):
+            path = str(layout.rds(name))
+            wanted.add(path)
+            written += self._put(path, self._document(t.ROUTE_CONFIGURATION, [route]))
+        written += self._put(str(layout.cds), self._document(t.CLUSTER, resources.clusters))
+        written += self._put(str(layout.lds), self._document(t.LISTENER, resources.listeners))
+        wanted |= {str(layout.cds), str(layout.lds)}
+        self._texts = self._next_texts
+        removed = self._remove_stale(wanted)
+        return WriteResult(written=written, removed=removed)
+
+    def _remove_stale(self, wanted: set[str]) -> int:
+        """Files under sds/, rds/ and eds/ that the current render does not have (including leftovers on disk
+        from an earlier run of the agent, found on the first write)."""
+        root = self.layout.root
+        if not self._on_disk.keys() - wanted and self._scanned:
+            return 0
+        removed = 0
+        for sub in ("sds", "rds"):
+            directory = root / sub
+            if directory.is_dir():
+                for path in directory.glob("*.json"):
+                    if str(path) not in wanted:
+                        path.unlink()
+                        log.info("removed %s", path.relative_to(root))
+                        removed += 1
+        eds = root / "eds"
+        if eds.is_dir():
+            for directory in eds.iterdir():
+                if str(directory / "cla.json") not in wanted:
+                    shutil.rmtree(directory)
+                    log.info("removed %s", directory.relative_to(root))
+                    removed += 1
+        self._on_disk = {p: text for p, text in self._on_disk.items() if p in wanted}
+        self._scanned = True
+        return removed
 
 
 def write(resources: Resources, layout: Layout) -> WriteResult:
-    """Secrets, endpoints and routes first (they are referenced), then clusters, then listeners; stale last."""
-    written = 0
-
-    def put(path: Path, type_url: str, items: list[dict[str, Any]]) -> None:
-        nonlocal written
-        written += atomic_write(path, _dump(type_url, items), mode=FILE_MODE, durable=False)
-
-    for name, secret in sorted(resources.secrets.items()):
-        put(layout.sds(name), t.SECRET, [secret])
-    for name, assignment in sorted(resources.endpoints.items()):
-        put(layout.eds(name), t.CLUSTER_LOAD_ASSIGNMENT, [assignment])
-    for name, route in sorted(resources.routes.items()):
-        put(layout.rds(name), t.ROUTE_CONFIGURATION, [route])
-    put(layout.cds, t.CLUSTER, resources.clusters)
-    put(layout.lds, t.LISTENER, resources.listeners)
-    removed = _remove_stale(layout, resources)
-    return WriteResult(written=written, removed=removed)
-
-
-def _remove_stale(layout: Layout, resources: Resources) -> int:
-    removed = 0
-    keep_sds = {layout.sds(n) for n in resources.secrets}
-    keep_rds = {layout.rds(n) for n in resources.routes}
-    for directory, keep in ((layout.root / "sds", keep_sds), (layout.root / "rds", keep_rds)):
-        if directory.is_dir():
-            for path in directory.glob("*.json"):
-                if path not in keep:
-                    path.unlink()
-                    log.info("removed %s", path.relative_to(layout.root))
-                    removed += 1
-    eds = layout.root / "eds"
-    if eds.is_dir():
-        for directory in eds.iterdir():
-            if directory.name not in resources.endpoints:
-                shutil.rmtree(directory)
-                log.info("removed %s", directory.relative_to(layout.root))
-                removed += 1
-    return removed
+    """One-off write (tests, `meshvm render`); the agent keeps a :class:`Writer` across renders."""
+    return Writer(layout).write(resources)

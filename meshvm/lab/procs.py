@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import signal
 import socket
 import ssl
@@ -18,13 +19,33 @@ from pathlib import Path
 from meshvm.errors import OperationFailedError
 
 log = logging.getLogger(__name__)
+_random = random.SystemRandom()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free right now on ``host`` (the kernel picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A TCP port free right now on ``host``, below the kernel's ephemeral range.
+
+    A port from the ephemeral range (what binding to port 0 gives) can be taken by any outgoing connection
+    between choosing it and the server binding it; ports below that range are only ever taken by a listener.
+    """
+    low, _ = _ephemeral_range()
+    for _ in range(200):
+        port = _random.randrange(20000, min(low, 65536))
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise OperationFailedError(f"no free TCP port found on {host} in 20000-{low}")
 
 
 def spawn(argv: Sequence[str], *, log_path: Path, env: Mapping[str, str] | None = None, cwd: Path | None = None) -> int:

@@ -216,9 +216,13 @@ def test_outlier_detection_ejects_the_bad_instance(topo: Topology) -> None:
         }
     )
     topo.apps["v2"].status = 500
-    burst(topo.url(), 40, concurrency=1)
     ejected = f"cluster.{topo.cluster()}.outlier_detection.ejections_active"
-    wait_for("v2 ejected", lambda: topo.client.stat(ejected) >= 1, timeout=10)
+
+    def ejected_after_traffic() -> bool:
+        burst(topo.url(), 10, concurrency=1)  # keep the failures coming until the detector acts
+        return topo.client.stat(ejected) >= 1
+
+    wait_for("v2 ejected", ejected_after_traffic, timeout=15, interval=0.2)
     after = burst(topo.url(), 50, concurrency=4)
     assert after.by_server == {"v1": 50}, "traffic must avoid the ejected instance"
 

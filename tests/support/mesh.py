@@ -20,10 +20,20 @@ from typing import Any
 import consul
 import yaml
 
-from meshvm.lab.procs import alive, free_port, spawn, stop, wait_until
+from meshvm.lab.procs import alive, spawn, stop, wait_until
+from meshvm.lab.procs import free_port as _free_port
 from meshvm.lab.state import LabState
 
 REPO = Path(__file__).resolve().parents[2]
+_taken: set[int] = set()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A free port never handed out before in this process (free_port alone may return one twice)."""
+    while (port := _free_port(host)) in _taken:
+        pass
+    _taken.add(port)
+    return port
 _addresses = itertools.count(20)
 
 
@@ -106,6 +116,7 @@ class MeshNode:
                 "tokens": {"agent": self.lab.consul.vm_token},
             },
             "leave_on_terminate": True,
+            "limits": {"http_max_conns_per_client": 4096},
             "disable_update_check": True,
             "log_level": "WARN",
         }
@@ -185,7 +196,7 @@ class MeshNode:
         self.config_path.write_text(yaml.safe_dump(self.agent_config()))
         log = self.dir / "agent.log"
         self.pids["agent"] = spawn([meshvm_exe(), "-v", "agent", "-c", str(self.config_path)], log_path=log)
-        wait_until(f"{self.name} agent healthy", self.agent_healthy, timeout=30, log_path=log, pid=self.pids["agent"])
+        wait_until(f"{self.name} agent healthy", self.agent_healthy, timeout=90, log_path=log, pid=self.pids["agent"])
 
     def agent_healthy(self) -> bool:
         try:

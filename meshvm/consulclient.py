@@ -6,6 +6,7 @@ Every method raises :class:`meshvm.errors.PeerUnreachableError` when Consul cann
 
 from __future__ import annotations
 
+import base64
 import functools
 import logging
 from collections.abc import Callable, Iterator
@@ -14,8 +15,6 @@ from typing import Any, TypeVar
 
 import consul
 import requests
-import requests.adapters
-from consul.callback import CB
 
 from meshvm.config import AgentConfig, CheckSpec, ConsulSpec, ServiceSpec
 from meshvm.envoy.snapshot import Instance, Leaf, Roots
@@ -26,16 +25,6 @@ from meshvm.values import consul_duration
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Indexed = tuple[int, T]
-
-
-def watch_count(config: AgentConfig) -> int:
-    """Blocking queries the agent keeps open: roots, policy, intentions, a leaf per service, one per upstream.
-
-    Each is one HTTP connection to the local Consul agent, whose default ``limits.http_max_conns_per_client``
-    is 200: VMs calling more than ~190 services need that limit raised (the consul_agent role does).
-    """
-    upstreams = {u.service for s in config.services for u in s.upstreams}
-    return 3 + len(config.services) + len(upstreams)
 
 
 @contextmanager
@@ -58,32 +47,20 @@ def _translate(what: str, address: str) -> Iterator[None]:
 
 
 class ConsulClient:
-    def __init__(self, spec: ConsulSpec, token: str | None = None, *, connections: int = 10) -> None:
+    def __init__(self, spec: ConsulSpec, token: str | None = None) -> None:
         host, port = spec.http_addr.rsplit(":", 1)
         self.address = spec.http_addr
         self.wait = consul_duration(spec.blocking_wait)
         verify: bool | str = str(spec.ca_file) if spec.ca_file else True
         self.api = consul.Consul(host=host, port=int(port), scheme=spec.scheme, token=token, verify=verify)
-        # One kept-alive connection per concurrent blocking query; requests keeps only 10 by default and would
-        # open and throw away a connection for every other query.
-        adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=connections)
-        self.api.http.session.mount(f"{spec.scheme}://", adapter)
 
     @classmethod
     def for_agent(cls, config: AgentConfig) -> ConsulClient:
-        """A client sized for the agent: one connection per watch (see ``watch_count``) plus a few spare."""
-        return cls(config.consul, config.consul.token(), connections=watch_count(config) + 4)
+        return cls(config.consul, config.consul.token())
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         with _translate(what, self.address):
             return fn()
-
-    def _blocking(self, what: str, path: str, index: int, params: list[tuple[str, Any]] | None = None) -> Indexed[Any]:
-        query = list(params or [])
-        if index:
-            query += [("index", index), ("wait", self.wait)]
-        headers = self.api.prepare_headers()
-        return self._call(what, lambda: self.api.http.get(CB.json(index=True), path, params=query, headers=headers))  # type: ignore[no-any-return]
 
     # --- status ------------------------------------------------------------------------------------------
 
@@ -185,59 +162,6 @@ class ConsulClient:
     def registered(self) -> dict[str, Any]:
         return dict(self._call("agent/services", self.api.agent.services))
 
-    # --- watches -----------------------------------------------------------------------------------------
-
-    def health_connect(self, service: str, index: int = 0) -> Indexed[tuple[Instance, ...]]:
-        """Every sidecar of ``service`` with its health (critical anywhere = unhealthy); blocks on ``index``.
-
-        Unhealthy instances are kept and marked, not dropped: Envoy routes around them, and when too few are
-        healthy (as right after a Consul server restart, before gossip has confirmed every node) its panic
-        threshold keeps traffic flowing instead of answering 503 for an application that is fine.
-        """
-        new_index, entries = self._blocking(f"health/connect/{service}", f"/v1/health/connect/{service}", index)
-        instances = []
-        for entry in entries or []:
-            svc, node = entry["Service"], entry["Node"]
-            instances.append(
-                Instance(
-                    address=svc.get("Address") or node["Address"],
-                    port=int(svc["Port"]),
-                    node=node["Node"],
-                    tags=tuple(sorted(svc.get("Tags") or [])),
-                    meta=tuple(sorted((svc.get("Meta") or {}).items())),
-                    healthy=all(c.get("Status") != "critical" for c in entry.get("Checks") or []),
-                )
-            )
-        return int(new_index), tuple(sorted(instances))
-
-    def roots(self, index: int = 0) -> Indexed[Roots]:
-        new_index, data = self._blocking("connect/ca/roots", "/v1/agent/connect/ca/roots", index)
-        active = [r["RootCert"] for r in data["Roots"] if r.get("Active")]
-        others = [r["RootCert"] for r in data["Roots"] if not r.get("Active")]
-        # Keep every root the CA still lists: during a CA rotation both must be trusted.
-        return int(new_index), Roots(trust_domain=data["TrustDomain"], pems=tuple(active + others))
-
-    def leaf(self, service: str, index: int = 0) -> Indexed[Leaf]:
-        new_index, data = self._blocking(f"connect/ca/leaf/{service}", f"/v1/agent/connect/ca/leaf/{service}", index)
-        return int(new_index), Leaf(
-            service=service,
-            cert_pem=data["CertPEM"],
-            key_pem=data["PrivateKeyPEM"],
-            serial=data.get("SerialNumber", ""),
-            valid_before=data.get("ValidBefore", ""),
-        )
-
-    def intentions(self, index: int = 0) -> Indexed[tuple[AuthorizationRule, ...]]:
-        new_index, data = self._blocking("connect/intentions", "/v1/connect/intentions", index)
-        rules = []
-        for item in data or []:
-            if item.get("SourceType", "consul") != "consul" or item.get("Action") not in {"allow", "deny"}:
-                continue
-            rules.append(
-                AuthorizationRule(source=item["SourceName"], destination=item["DestinationName"], action=item["Action"])
-            )
-        return int(new_index), tuple(rules)
-
     def kv_get(self, key: str, index: int = 0) -> tuple[int, bytes | None, int]:
         """(index, value or None, modify index of the key or 0 when it does not exist)."""
 
@@ -254,3 +178,67 @@ class ConsulClient:
     def kv_cas(self, key: str, value: bytes, modify_index: int) -> bool:
         """Check-and-set: True when written; False when someone changed the key since ``modify_index``."""
         return bool(self._call(f"kv put {key}", lambda: self.api.kv.put(key, value, cas=modify_index)))
+
+
+# --- what the agent's watches read (see meshvm.agent.watch): Consul's JSON in, snapshot values out -------------
+
+
+def parse_health_connect(entries: list[dict[str, Any]] | None) -> tuple[Instance, ...]:
+    """Every sidecar of a service on a live node, with its health (a critical check = unhealthy).
+
+    Unhealthy instances are kept and marked, not dropped: Envoy routes around them, and when too few are healthy
+    (as right after a Consul server restart, before gossip has confirmed every node) its panic threshold keeps
+    traffic flowing instead of answering 503 for an application that is fine.
+    """
+    instances = []
+    for entry in entries or []:
+        svc, node, checks = entry["Service"], entry["Node"], entry.get("Checks") or []
+        if any(c.get("CheckID") == "serfHealth" and c.get("Status") == "critical" for c in checks):
+            continue  # the node itself is gone (or not yet confirmed alive): never a target, even in panic
+        instances.append(
+            Instance(
+                address=svc.get("Address") or node["Address"],
+                port=int(svc["Port"]),
+                node=node["Node"],
+                tags=tuple(sorted(svc.get("Tags") or [])),
+                meta=tuple(sorted((svc.get("Meta") or {}).items())),
+                healthy=all(c.get("Status") != "critical" for c in checks),
+            )
+        )
+    return tuple(sorted(instances, key=lambda i: (i.address, i.port, i.node)))
+
+
+def parse_roots(data: dict[str, Any]) -> Roots:
+    active = [r["RootCert"] for r in data["Roots"] if r.get("Active")]
+    # Sorted: Consul lists them in no fixed order, and a reordered bundle would make Envoy rebuild TLS contexts.
+    others = sorted(r["RootCert"] for r in data["Roots"] if not r.get("Active"))
+    # Keep every root the CA still lists: during a CA rotation both must be trusted.
+    return Roots(trust_domain=data["TrustDomain"], pems=tuple(active + others))
+
+
+def parse_leaf(service: str, data: dict[str, Any]) -> Leaf:
+    return Leaf(
+        service=service,
+        cert_pem=data["CertPEM"],
+        key_pem=data["PrivateKeyPEM"],
+        serial=data.get("SerialNumber", ""),
+        valid_before=data.get("ValidBefore", ""),
+    )
+
+
+def parse_intentions(data: list[dict[str, Any]] | None) -> tuple[AuthorizationRule, ...]:
+    rules = []
+    for item in data or []:
+        if item.get("SourceType", "consul") != "consul" or item.get("Action") not in {"allow", "deny"}:
+            continue
+        rules.append(
+            AuthorizationRule(source=item["SourceName"], destination=item["DestinationName"], action=item["Action"])
+        )
+    return tuple(rules)
+
+
+def parse_kv(items: list[dict[str, Any]] | None) -> bytes | None:
+    if not items:
+        return None
+    value = items[0].get("Value")
+    return base64.b64decode(value) if value else b""

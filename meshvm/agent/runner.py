@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import logging
@@ -9,15 +10,22 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from meshvm.agent.metrics import AgentMetrics
-from meshvm.agent.watch import Watch
+from meshvm.agent.watch import Connection, ConsulReader, watch
 from meshvm.config import AgentConfig
-from meshvm.consulclient import ConsulClient
+from meshvm.consulclient import (
+    ConsulClient,
+    parse_health_connect,
+    parse_intentions,
+    parse_kv,
+    parse_leaf,
+    parse_roots,
+)
 from meshvm.envoy import resources as envoy_resources
 from meshvm.envoy import writer
 from meshvm.envoy.snapshot import Instance, Leaf, Roots, Snapshot
@@ -27,7 +35,9 @@ from meshvm.policy import POLICY_KEY, AuthorizationRule, MeshPolicy, parse_polic
 log = logging.getLogger(__name__)
 REGISTER_BACKOFF_MAX = 10.0
 REGISTRATION_CHECK_INTERVAL = 5.0
-RECONNECT_GRACE = 15.0  # seconds after a Consul error during which an empty catalog answer is not trusted
+RECONNECT_SETTLE_WINDOW = 30.0  # seconds after a Consul outage during which answers must settle before use
+RECONNECT_SETTLE_QUIET = 3.0  # ... settled meaning: unchanged for this long
+RECONNECT_GRACE = 15.0  # seconds after a Consul outage during which "it is gone" is not believed
 
 
 def sd_notify(message: str) -> None:
@@ -46,6 +56,10 @@ class Agent:
     def __init__(self, config: AgentConfig, client: ConsulClient | None = None) -> None:
         self.config = config
         self.client = client or ConsulClient.for_agent(config)
+        self.reader = ConsulReader(config.consul, config.consul.token())
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._watch_tasks: list[asyncio.Task[None]] = []
+        self._watch_thread: threading.Thread | None = None
         self.layout = envoy_resources.Layout(config.envoy.config_dir)
         self._render_cache = envoy_resources.RenderCache()
         self._writer = writer.Writer(self.layout)
@@ -62,6 +76,7 @@ class Agent:
         self._last_consul_error = float("-inf")
         self._latest_upstreams: dict[str, tuple[Instance, ...]] = {}
         self._latest_policy: bytes | None = None
+        self._deferred: dict[str, threading.Timer] = {}
         self._server: ThreadingHTTPServer | None = None
         self.metrics.policy_valid.set(1)
 
@@ -78,39 +93,68 @@ class Agent:
                 self._pending_since = time.monotonic()
         self._dirty.set()
 
-    def _defer_if_vanished(self, what: str, vanished: bool, commit: Callable[[], None]) -> bool:
-        """Right after Consul comes back it can answer "nothing" (a catalog or ACL state not rebuilt yet).
+    # Right after Consul comes back its answers can flap between stale, empty and current for several seconds (a
+    # restarted server replaying its log, ACLs and the CA not loaded yet, gossip not confirming nodes). Envoy keeps
+    # the last good state meanwhile: within SETTLE_WINDOW of an outage a change is applied only once Consul's answer
+    # has stayed the same for SETTLE_QUIET, and something we had that vanishes within GRACE is only let go then.
 
-        When something we had vanishes within ``RECONNECT_GRACE`` of a Consul error, keep the last good state and
-        commit whatever Consul says by then only once the grace has passed. Returns True when deferred.
-        """
+    def _since_outage(self) -> float:
         with self._lock:
-            reconnected = time.monotonic() - self._last_consul_error < RECONNECT_GRACE
-        if not (vanished and reconnected):
+            return time.monotonic() - self._last_consul_error
+
+    def _defer(self, key: str, delay: float, commit: Callable[[], None], *, restart: bool = False) -> None:
+        """Run ``commit`` after ``delay`` — once per ``key``; ``restart`` pushes a pending run back instead."""
+
+        def run() -> None:
+            with self._lock:
+                self._deferred.pop(key, None)
+            commit()
+
+        with self._lock:
+            pending = self._deferred.get(key)
+            if pending is not None and not restart:
+                return
+            if pending is not None:
+                pending.cancel()
+            timer = threading.Timer(delay, run)
+            timer.daemon = True
+            self._deferred[key] = timer
+        timer.start()
+
+    def _apply_settled(self, key: str, commit: Callable[[], None]) -> None:
+        if self._since_outage() < RECONNECT_SETTLE_WINDOW:
+            self._defer(key, RECONNECT_SETTLE_QUIET, commit, restart=True)
+        else:
+            commit()
+
+    def _kept_through_grace(self, what: str, key: str, vanished: bool, commit: Callable[[], None]) -> bool:
+        since = self._since_outage()
+        if not vanished or since >= RECONNECT_GRACE:
             return False
         log.warning(
-            "%s vanished from Consul just after reconnecting; keeping the last good one for %.0fs",
+            "%s vanished from Consul just after reconnecting; keeping the last good one for up to %.0fs",
             what,
-            RECONNECT_GRACE,
+            RECONNECT_GRACE - since,
         )
-        timer = threading.Timer(RECONNECT_GRACE, commit)
-        timer.daemon = True
-        timer.start()
+        self._defer(f"{key}:grace", RECONNECT_GRACE - since, commit)
         return True
 
     def _set_upstream(self, service: str) -> Callable[[tuple[Instance, ...]], None]:
         def apply(instances: tuple[Instance, ...]) -> None:
             self._latest_upstreams[service] = instances
-            with self._lock:
-                known = bool(self._snapshot.upstreams.get(service))
-            commit = functools.partial(self._commit_upstream, service)
-            if not self._defer_if_vanished(f"every instance of {service}", not instances and known, commit):
-                commit()
+            self._apply_settled(f"upstream:{service}", functools.partial(self._commit_upstream, service))
 
         return apply
 
     def _commit_upstream(self, service: str) -> None:
         instances = self._latest_upstreams.get(service, ())
+        with self._lock:
+            known = bool(self._snapshot.upstreams.get(service))
+        commit = functools.partial(self._commit_upstream, service)
+        if self._kept_through_grace(
+            f"every instance of {service}", f"upstream:{service}", not instances and known, commit
+        ):
+            return
         self.metrics.endpoints.set(sum(i.healthy for i in instances), service=service)
         protocols = {dict(i.meta).get("protocol") for i in instances} - {None}
 
@@ -147,13 +191,14 @@ class Agent:
 
     def _set_policy(self, raw: bytes | None) -> None:
         self._latest_policy = raw
-        with self._lock:
-            have_policy = self._snapshot.policy != MeshPolicy()
-        if not self._defer_if_vanished("the mesh policy", raw is None and have_policy, self._commit_policy):
-            self._commit_policy()
+        self._apply_settled("policy", self._commit_policy)
 
     def _commit_policy(self) -> None:
         raw = self._latest_policy
+        with self._lock:
+            have_policy = self._snapshot.policy != MeshPolicy()
+        if self._kept_through_grace("the mesh policy", "policy", raw is None and have_policy, self._commit_policy):
+            return
         key = f"{self.config.consul.policy_prefix}/{POLICY_KEY}"
         if raw is None:
             policy = MeshPolicy()
@@ -186,44 +231,71 @@ class Agent:
 
     # --- watches -------------------------------------------------------------------------------------------
 
-    def _fetch_intentions(self, index: int) -> tuple[int, tuple[AuthorizationRule, ...]]:
+    # Each fetch takes the watch's connection and the index to block on, and returns (new index, value).
+
+    async def _fetch_roots(self, conn: Connection, index: int) -> tuple[int, Roots]:
+        new_index, data = await self.reader.get(conn, "/v1/agent/connect/ca/roots", index)
+        return new_index, parse_roots(data)
+
+    async def _fetch_leaf(self, service: str, conn: Connection, index: int) -> tuple[int, Leaf]:
+        new_index, data = await self.reader.get(conn, f"/v1/agent/connect/ca/leaf/{service}", index)
+        return new_index, parse_leaf(service, data)
+
+    async def _fetch_upstream(self, service: str, conn: Connection, index: int) -> tuple[int, tuple[Instance, ...]]:
+        new_index, data = await self.reader.get(conn, f"/v1/health/connect/{service}", index)
+        return new_index, parse_health_connect(data)
+
+    async def _fetch_policy(self, conn: Connection, index: int) -> tuple[int, bytes | None]:
+        key = f"{self.config.consul.policy_prefix}/{POLICY_KEY}"
+        new_index, data = await self.reader.get(conn, f"/v1/kv/{key}", index)
+        return new_index, parse_kv(data)
+
+    async def _fetch_intentions(self, conn: Connection, index: int) -> tuple[int, tuple[AuthorizationRule, ...]]:
         if not self._intentions_supported:
-            self.stop_event.wait(3600)
+            await asyncio.sleep(3600)
             return index, ()
         try:
-            return self.client.intentions(index)
+            new_index, data = await self.reader.get(conn, "/v1/connect/intentions", index)
         except OperationFailedError as exc:
             # No intentions API or no right to read it: the policy's authorization rules still apply.
             log.warning("not watching Consul intentions: %s", exc)
             self._intentions_supported = False
             return index + 1, ()
+        return new_index, parse_intentions(data)
 
-    def _policy_fetch(self, index: int) -> tuple[int, bytes | None]:
-        new_index, value, _ = self.client.kv_get(f"{self.config.consul.policy_prefix}/{POLICY_KEY}", index)
-        return new_index, value
-
-    def _watch(self, name: str, fetch: Callable[[int], tuple[int, Any]], apply: Callable[[Any], None]) -> Watch[Any]:
-        return Watch(name, fetch, apply, stop=self.stop_event, on_health=self._on_health)
-
-    def watches(self) -> list[Watch[Any]]:
-        found = [
-            self._watch("roots", self.client.roots, self._set_roots),
-            self._watch("policy", self._policy_fetch, self._set_policy),
-            self._watch("intentions", self._fetch_intentions, self._set_intentions),
+    def watches(
+        self,
+    ) -> list[tuple[str, Callable[[Connection, int], Awaitable[tuple[int, Any]]], Callable[[Any], None]]]:
+        """(key, fetch, apply) for everything the agent watches."""
+        found: list[tuple[str, Callable[[Connection, int], Awaitable[tuple[int, Any]]], Callable[[Any], None]]] = [
+            ("roots", self._fetch_roots, self._set_roots),
+            ("policy", self._fetch_policy, self._set_policy),
+            ("intentions", self._fetch_intentions, self._set_intentions),
         ]
         for service in self.config.services:
-            found.append(
-                self._watch(f"leaf:{service.name}", functools.partial(self.client.leaf, service.name), self._set_leaf)
-            )
+            found.append((f"leaf:{service.name}", functools.partial(self._fetch_leaf, service.name), self._set_leaf))
         for destination in sorted({u.service for s in self.config.services for u in s.upstreams}):
             found.append(
-                self._watch(
+                (
                     f"upstream:{destination}",
-                    functools.partial(self.client.health_connect, destination),
+                    functools.partial(self._fetch_upstream, destination),
                     self._set_upstream(destination),
                 )
             )
         return found
+
+    def _run_watches(self) -> None:
+        """The watch thread: one asyncio loop, one coroutine per watch, cancelled by :meth:`shutdown`."""
+
+        async def main() -> None:
+            self._loop = asyncio.get_running_loop()
+            tasks = [
+                asyncio.create_task(watch(key, fetch, apply, self._on_health)) for key, fetch, apply in self.watches()
+            ]
+            self._watch_tasks = tasks
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run(main())
 
     # --- rendering -----------------------------------------------------------------------------------------
 
@@ -346,8 +418,8 @@ class Agent:
         self.config.envoy.config_dir.mkdir(parents=True, exist_ok=True)
         self.serve_http()
         self._register_until_done()
-        for watch in self.watches():
-            watch.start()
+        self._watch_thread = threading.Thread(target=self._run_watches, name="watches", daemon=True)
+        self._watch_thread.start()
         threading.Thread(target=self._keep_registered, name="registration", daemon=True).start()
         debounce = self.config.agent.debounce
         while not self.stop_event.is_set():
@@ -360,6 +432,9 @@ class Agent:
         self.shutdown(deregister=deregister_on_stop)
 
     def shutdown(self, *, deregister: bool) -> None:
+        if self._loop is not None:
+            for task in self._watch_tasks:
+                self._loop.call_soon_threadsafe(task.cancel)
         if deregister:
             try:
                 self.client.deregister(self.config)

@@ -24,6 +24,7 @@ from meshvm.policy import (
     CircuitBreaker,
     HeaderMatch,
     MeshPolicy,
+    Retries,
     Route,
     RouteMatch,
     ServicePolicy,
@@ -31,6 +32,9 @@ from meshvm.policy import (
 )
 
 ROOTS = "roots"
+# Without a retry policy, still retry what never reached the application (a dead instance not yet known as dead,
+# a stream refused by a draining peer) on another host: safe for any request, as Istio does by default.
+DEFAULT_RETRIES = Retries(attempts=2, retry_on=["connect-failure", "refused-stream"])
 DENY_ALL: JSON = {"action": "ALLOW", "policies": {}}  # an ALLOW rule set with no policy lets nobody in
 SPIFFE_ANY_SERVICE = r"[^/]+"
 
@@ -399,24 +403,23 @@ def _route_action(policy: ServicePolicy, targets: list[tuple[str, int]], protoco
     action["timeout"] = (
         t.duration(policy.timeout) if policy.timeout is not None else ("0s" if protocol == "grpc" else "15s")
     )
-    if policy.retries is not None:
-        retry: JSON = {
-            "retry_on": ",".join(policy.retries.retry_on),
-            "num_retries": policy.retries.attempts,
-            "retry_host_predicate": [
-                {
-                    "name": "envoy.retry_host_predicates.previous_hosts",
-                    "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3"
-                        ".PreviousHostsPredicate"
-                    },
-                }
-            ],
-            "host_selection_retry_max_attempts": 3,
-        }
-        if policy.retries.per_try_timeout is not None:
-            retry["per_try_timeout"] = t.duration(policy.retries.per_try_timeout)
-        action["retry_policy"] = retry
+    retries = policy.retries or DEFAULT_RETRIES
+    retry: JSON = {
+        "retry_on": ",".join(retries.retry_on),
+        "num_retries": retries.attempts,
+        "retry_host_predicate": [
+            {
+                "name": "envoy.retry_host_predicates.previous_hosts",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+                },
+            }
+        ],
+        "host_selection_retry_max_attempts": 3,
+    }
+    if retries.per_try_timeout is not None:
+        retry["per_try_timeout"] = t.duration(retries.per_try_timeout)
+    action["retry_policy"] = retry
     return action
 
 

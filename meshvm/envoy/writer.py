@@ -57,6 +57,8 @@ class Writer:
             return False
         changed = atomic_write(Path(path), text, mode=FILE_MODE, durable=False)
         self._on_disk[path] = text
+        if changed:
+            log.debug("wrote %s", Path(path).relative_to(self.layout.root))
         return changed
 
     def write(self, resources: Resources) -> WriteResult:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from meshvm.lab.state import LabState
-from tests.support.mesh import MeshNode, apply_policy
+from tests.support.mesh import MeshNode, apply_policy, purge_nodes
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +25,7 @@ def node_factory(
     """Make nodes; every node made is stopped (and its Consul agent leaves) when the module ends."""
     made: list[MeshNode] = []
     workdir = tmp_path_factory.mktemp("mesh")
+    purge_nodes(lab, f"{mesh_tag}-")
 
     def make(name: str) -> MeshNode:
         node = MeshNode(lab, f"{mesh_tag}-{name}", workdir, envoy_bin, policy_prefix=f"meshvm/tests/{mesh_tag}")

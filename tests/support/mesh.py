@@ -34,6 +34,8 @@ def free_port(host: str = "127.0.0.1") -> int:
         pass
     _taken.add(port)
     return port
+
+
 _addresses = itertools.count(20)
 
 
@@ -337,3 +339,17 @@ def apply_policy(lab: LabState, policy: dict[str, Any], prefix: str = "meshvm/po
 
 def env_without_proxy() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+
+
+def purge_nodes(lab: LabState, prefix: str) -> list[str]:
+    """Remove catalog nodes named ``prefix…`` (left behind by an interrupted run) so tests start from a clean
+    catalog: force-leave them from gossip and deregister them."""
+    c = management(lab)
+    _, nodes = c.catalog.nodes()
+    gone = [n["Node"] for n in nodes if n["Node"].startswith(prefix)]
+    for name in gone:
+        c.http.put(lambda r: r.code, f"/v1/agent/force-leave/{name}", headers=c.prepare_headers())
+        c.http.put(
+            lambda r: r.code, "/v1/catalog/deregister", data=json.dumps({"Node": name}), headers=c.prepare_headers()
+        )
+    return gone

@@ -35,6 +35,7 @@ from meshvm.policy import POLICY_KEY, AuthorizationRule, MeshPolicy, parse_polic
 log = logging.getLogger(__name__)
 REGISTER_BACKOFF_MAX = 10.0
 REGISTRATION_CHECK_INTERVAL = 5.0
+INITIAL_SYNC_TIMEOUT = 10.0  # seconds to wait for every watch's first answer before rendering anyway
 RECONNECT_SETTLE_WINDOW = 30.0  # seconds after a Consul outage during which answers must settle before use
 RECONNECT_SETTLE_QUIET = 3.0  # ... settled meaning: unchanged for this long
 RECONNECT_GRACE = 15.0  # seconds after a Consul outage during which "it is gone" is not believed
@@ -77,6 +78,8 @@ class Agent:
         self._latest_upstreams: dict[str, tuple[Instance, ...]] = {}
         self._latest_policy: bytes | None = None
         self._deferred: dict[str, threading.Timer] = {}
+        self._awaiting_first: set[str] = {"(not started)"}
+        self._started = time.monotonic()
         self._server: ThreadingHTTPServer | None = None
         self.metrics.policy_valid.set(1)
 
@@ -289,8 +292,11 @@ class Agent:
 
         async def main() -> None:
             self._loop = asyncio.get_running_loop()
+            watches = self.watches()
+            self._awaiting_first = {key for key, _fetch, _apply in watches}
             tasks = [
-                asyncio.create_task(watch(key, fetch, apply, self._on_health)) for key, fetch, apply in self.watches()
+                asyncio.create_task(watch(key, fetch, apply, self._on_health, self._first_answer))
+                for key, fetch, apply in watches
             ]
             self._watch_tasks = tasks
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -299,8 +305,25 @@ class Agent:
 
     # --- rendering -----------------------------------------------------------------------------------------
 
+    def _first_answer(self, key: str) -> None:
+        with self._lock:
+            self._awaiting_first.discard(key)
+            done = not self._awaiting_first
+        if done:
+            log.info("initial sync from Consul complete in %.1fs", time.monotonic() - self._started)
+            self._dirty.set()
+
+    def _initial_sync_pending(self) -> bool:
+        """Until every watch has answered once (or INITIAL_SYNC_TIMEOUT passed), one full render beats many partial
+        ones: a VM calling 1000 services would otherwise rewrite its listeners once per arriving answer."""
+        with self._lock:
+            pending = bool(self._awaiting_first)
+        return pending and time.monotonic() - self._started < INITIAL_SYNC_TIMEOUT
+
     def render_once(self) -> bool:
         """Render and write the current snapshot; False while certificates are still missing."""
+        if not self._rendered_once and self._initial_sync_pending():
+            return False
         with self._lock:
             snapshot, pending_since = self._snapshot, self._pending_since
             self._pending_since = None
@@ -424,6 +447,8 @@ class Agent:
         debounce = self.config.agent.debounce
         while not self.stop_event.is_set():
             if not self._dirty.wait(timeout=1.0):
+                if not self._rendered_once and not self._initial_sync_pending():
+                    self._dirty.set()  # the initial sync timed out: render what we have
                 continue
             # Debounce: let a burst of changes settle into one render.
             self.stop_event.wait(debounce)

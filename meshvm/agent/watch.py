@@ -132,10 +132,11 @@ async def watch(
     fetch: Callable[[Connection, int], Awaitable[tuple[int, T]]],
     apply: Callable[[T], None],
     on_health: Callable[[str, bool, str], None],
+    on_first: Callable[[str], None] = lambda _key: None,
 ) -> None:
     """Call ``fetch`` forever (until cancelled); hand each new value to ``apply``, the first one too."""
     conn = Connection()
-    index, backoff = 0, BACKOFF_START
+    index, backoff, seen = 0, BACKOFF_START, False
     loop = asyncio.get_running_loop()
     try:
         while True:
@@ -160,11 +161,14 @@ async def watch(
                 continue
             if new_index == index:
                 continue  # the wait expired with nothing new
-            index = new_index
+            first, index = index == 0 and not seen, new_index
+            seen = True
             try:
                 apply(value)
             except MeshvmError as exc:
                 log.error("watch %s: %s", key, exc)
+            if first:
+                on_first(key)
             elapsed = loop.time() - started
             if elapsed < MIN_QUERY_INTERVAL:
                 await asyncio.sleep(MIN_QUERY_INTERVAL - elapsed)

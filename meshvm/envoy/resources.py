@@ -11,9 +11,11 @@ Naming (names never contain '/', so each is also a safe file name):
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from meshvm.config import HTTP_PROTOCOLS, ServiceSpec, UpstreamSpec
 from meshvm.envoy import types as t
@@ -41,10 +43,12 @@ SPIFFE_ANY_SERVICE = r"[^/]+"
 
 @dataclass
 class Resources:
-    listeners: list[JSON] = field(default_factory=list)
-    clusters: list[JSON] = field(default_factory=list)
-    routes: dict[str, JSON] = field(default_factory=dict)
-    endpoints: dict[str, JSON] = field(default_factory=dict)
+    """Envoy resources as dicts, or as :class:`Raw` text where a :class:`RenderCache` kept them."""
+
+    listeners: list[Any] = field(default_factory=list)
+    clusters: list[Any] = field(default_factory=list)
+    routes: dict[str, Any] = field(default_factory=dict)
+    endpoints: dict[str, Any] = field(default_factory=dict)
     secrets: dict[str, JSON] = field(default_factory=dict)
 
 
@@ -530,10 +534,10 @@ def _outbound(snapshot: Snapshot, layout: Layout, source: ServiceSpec, upstream:
 
 @dataclass
 class RenderCache:
-    """What the last render built per upstream, reused while its inputs are unchanged.
+    """What the last render built per upstream, kept as JSON text and reused while its inputs are unchanged.
 
-    A health flip of one of 1000 upstreams then rebuilds one upstream's resources, not 1000; the writer also
-    reuses the serialised text of every resource object it has seen (they are the same objects).
+    A health flip of one of 1000 upstreams then rebuilds one upstream's resources, not 1000. Keeping text rather
+    than the dicts costs a fifth of the memory; the writer uses the text as it is.
     """
 
     outbound: dict[tuple[object, ...], Resources] = field(default_factory=dict)
@@ -541,11 +545,30 @@ class RenderCache:
     policy_text: dict[str, str] = field(default_factory=dict)
 
     def service_policy_text(self, policy: MeshPolicy, name: str) -> str:
+        """A key for the policy of one destination (empty when the policy says nothing about it)."""
         if policy is not self.policy:
-            self.policy, self.policy_text = policy, {}
-        if name not in self.policy_text:
-            self.policy_text[name] = policy.for_service(name).model_dump_json()
-        return self.policy_text[name]
+            self.policy = policy
+            self.policy_text = {n: p.model_dump_json() for n, p in policy.services.items()}
+        return self.policy_text.get(name, "")
+
+
+class Raw(str):
+    """A resource already serialised as JSON (with its "@type"): written as it is."""
+
+    __slots__ = ()
+
+
+def _raw(type_url: str, item: JSON) -> Raw:
+    return Raw(json.dumps({"@type": type_url, **item}, separators=(",", ":")))
+
+
+def _frozen(part: Resources) -> Resources:
+    return Resources(
+        listeners=[_raw(t.LISTENER, x) for x in part.listeners],
+        clusters=[_raw(t.CLUSTER, x) for x in part.clusters],
+        routes={n: _raw(t.ROUTE_CONFIGURATION, x) for n, x in part.routes.items()},
+        endpoints={n: _raw(t.CLUSTER_LOAD_ASSIGNMENT, x) for n, x in part.endpoints.items()},
+    )
 
 
 # --- entry point ---------------------------------------------------------------------------------------------
@@ -554,8 +577,10 @@ class RenderCache:
 def build(snapshot: Snapshot, layout: Layout, cache: RenderCache | None = None) -> Resources:
     """All resources for ``snapshot``; the snapshot must be :meth:`Snapshot.ready`.
 
-    With a ``cache`` (the agent keeps one), upstreams whose inputs did not change reuse the previous result.
+    With a ``cache`` (the agent keeps one), upstreams whose inputs did not change reuse the previous result, and
+    outbound resources come back as :class:`Raw` JSON text; without one, everything is plain dicts.
     """
+    keep_text = cache is not None
     if snapshot.roots is None:
         raise ValueError("cannot render mTLS resources before the CA roots are known")
     cache = cache if cache is not None else RenderCache()
@@ -592,13 +617,16 @@ def build(snapshot: Snapshot, layout: Layout, cache: RenderCache | None = None) 
                 cache.service_policy_text(snapshot.policy, destination),
                 snapshot.roots.trust_domain,
             )
-            part = cache.outbound.get(key) or _outbound(snapshot, layout, service, upstream)
+            part = cache.outbound.get(key)
+            if part is None:
+                part = _outbound(snapshot, layout, service, upstream)
+                if keep_text:
+                    part = _frozen(part)
             reused[key] = part
             resources.listeners += part.listeners
             resources.clusters += part.clusters
             resources.routes.update(part.routes)
             resources.endpoints.update(part.endpoints)
     cache.outbound = reused
-    resources.listeners.sort(key=lambda r: str(r["name"]))
-    resources.clusters.sort(key=lambda r: str(r["name"]))
+    # Order is deterministic by construction: services by name, each inbound first, upstreams in config order.
     return resources

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from meshvm.envoy import types as t
-from meshvm.envoy.resources import Layout, Resources
+from meshvm.envoy.resources import Layout, Raw, Resources
 from meshvm.fsutil import atomic_write
 
 log = logging.getLogger(__name__)
@@ -34,11 +34,13 @@ class Writer:
     def __init__(self, layout: Layout) -> None:
         self.layout = layout
         self._scanned = False
-        self._on_disk: dict[str, str] = {}
+        self._on_disk: dict[str, int] = {}  # path -> hash of the text written there
         self._texts: dict[int, tuple[dict[str, Any], str]] = {}
         self._next_texts: dict[int, tuple[dict[str, Any], str]] = {}
 
-    def _text(self, type_url: str, item: dict[str, Any]) -> str:
+    def _text(self, type_url: str, item: dict[str, Any] | Raw) -> str:
+        if isinstance(item, Raw):
+            return item
         cached = self._texts.get(id(item))
         if cached is not None and cached[0] is item:
             text = cached[1]
@@ -47,16 +49,17 @@ class Writer:
         self._next_texts[id(item)] = (item, text)
         return text
 
-    def _document(self, type_url: str, items: list[dict[str, Any]]) -> str:
+    def _document(self, type_url: str, items: list[Any]) -> str:
         body = ",".join(self._text(type_url, item) for item in items)
         version = hashlib.sha256(body.encode()).hexdigest()[:16]
         return f'{{"version_info":"{version}","resources":[{body}]}}\n'
 
     def _put(self, path: str, text: str) -> bool:
-        if self._on_disk.get(path) == text:
+        digest = hash(text)
+        if self._on_disk.get(path) == digest:
             return False
         changed = atomic_write(Path(path), text, mode=FILE_MODE, durable=False)
-        self._on_disk[path] = text
+        self._on_disk[path] = digest
         if changed:
             log.debug("wrote %s", Path(path).relative_to(self.layout.root))
         return changed
@@ -107,7 +110,7 @@ class Writer:
                     shutil.rmtree(directory)
                     log.info("removed %s", directory.relative_to(root))
                     removed += 1
-        self._on_disk = {p: text for p, text in self._on_disk.items() if p in wanted}
+        self._on_disk = {p: digest for p, digest in self._on_disk.items() if p in wanted}
         self._scanned = True
         return removed
 

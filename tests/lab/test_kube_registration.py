@@ -1,0 +1,92 @@
+"""VM workloads in a real kube-apiserver, written by the restricted identity `meshvm rbac` describes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from meshvm.config import ServiceSpec
+from meshvm.errors import OperationFailedError
+from meshvm.kube import registration as reg
+from meshvm.kube.client import api_client
+from meshvm.lab.state import LabState
+
+pytestmark = pytest.mark.lab
+NS = "meshvm"
+
+
+def _svc(name: str, port: int, protocol: str = "http", version: str | None = None) -> ServiceSpec:
+    return ServiceSpec.model_validate(
+        {"name": name, "port": port, "mesh_port": 21000, "protocol": protocol, "version": version}
+    )
+
+
+@pytest.fixture
+def registrar(lab: LabState):  # type: ignore[no-untyped-def]
+    assert lab.kube is not None
+    api = api_client(Path(lab.kube.kubeconfig), context="lab-registrar")
+    yield api
+    reg.remove_hosts(api, NS, {"kt-vm1", "kt-vm2"})
+
+
+def test_register_is_idempotent_updates_and_removes_by_host(registrar: object) -> None:
+    vm1 = reg.VmWorkload(
+        "kt-vm1",
+        "198.51.100.11",
+        (_svc("kt-api", 8080, version="v1"), _svc("kt-db", 5432, "tcp")),
+        service_account="kt-api",
+        network="vm-net",
+        locality="lab/zone-a",
+    )
+    vm2 = reg.VmWorkload("kt-vm2", "198.51.100.12", (_svc("kt-api", 8080, version="v2"),))
+    first = reg.register(registrar, [vm1, vm2], NS, "istio")
+    assert {c.action for c in first} == {"created"}
+    kinds = sorted({c.kind for c in first})
+    assert kinds == ["EndpointSlice", "Service", "ServiceEntry", "WorkloadEntry"]
+    assert len([c for c in first if c.kind == "Service"]) == 2, "one Service per mesh service, shared by VMs"
+    assert {c.action for c in reg.register(registrar, [vm1, vm2], NS, "istio")} == {"unchanged"}
+
+    moved = reg.VmWorkload("kt-vm2", "198.51.100.13", vm2.services)
+    changed = {(c.kind, c.name): c.action for c in reg.register(registrar, [vm1, moved], NS, "istio")}
+    assert changed[("EndpointSlice", "kt-api-kt-vm2")] == "updated"
+    assert changed[("WorkloadEntry", "kt-api-kt-vm2")] == "updated"
+    assert changed[("Service", "kt-api")] == "unchanged"
+
+    kinds_api = reg.Kinds(registrar)
+    slice_ = kinds_api.read("EndpointSlice", NS, "kt-api-kt-vm2")
+    assert slice_["endpoints"][0]["addresses"] == ["198.51.100.13"]
+    assert slice_["metadata"]["labels"]["kubernetes.io/service-name"] == "kt-api"
+    entry = kinds_api.read("WorkloadEntry", NS, "kt-api-kt-vm1")
+    assert entry["spec"] == {
+        "address": "198.51.100.11",
+        "ports": {"http": 8080},
+        "labels": {"app": "kt-api", "version": "v1"},
+        "serviceAccount": "kt-api",
+        "network": "vm-net",
+        "locality": "lab/zone-a",
+    }
+    service = kinds_api.read("Service", NS, "kt-api")
+    assert "selector" not in service["spec"] or not service["spec"]["selector"]
+    assert service["spec"]["clusterIP"]
+
+    assert set(reg.hosts_with_objects(registrar, NS)) >= {"kt-vm1", "kt-vm2"}
+    gone = reg.remove_hosts(registrar, NS, {"kt-vm2"})
+    assert {c.name for c in gone} == {"kt-api-kt-vm2"}, "the shared Service stays while kt-vm1 still runs kt-api"
+    gone = reg.remove_hosts(registrar, NS, {"kt-vm1"})
+    assert {(c.kind, c.name) for c in gone} >= {("Service", "kt-api"), ("ServiceEntry", "kt-api"), ("Service", "kt-db")}
+    assert reg.remove_hosts(registrar, NS, {"kt-vm1"}) == [], "removal is idempotent"
+    assert "kt-vm1" not in reg.hosts_with_objects(registrar, NS)
+
+
+def test_kubernetes_mesh_writes_no_istio_objects(registrar: object) -> None:
+    vm = reg.VmWorkload("kt-vm1", "198.51.100.11", (_svc("kt-web", 80),))
+    kinds = {c.kind for c in reg.register(registrar, [vm], NS, "kubernetes")}
+    assert kinds == {"Service", "EndpointSlice"}
+    assert reg.desired([vm], NS, "consul") == []
+
+
+def test_restricted_identity_gets_403_outside_its_namespace(registrar: object) -> None:
+    vm = reg.VmWorkload("kt-vm1", "198.51.100.11", (_svc("kt-web", 80),))
+    with pytest.raises(OperationFailedError, match="403 forbidden"):
+        reg.register(registrar, [vm], "default", "kubernetes")

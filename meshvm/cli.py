@@ -351,6 +351,31 @@ def artifacts_wheelhouse(
     sys.stdout.write(json.dumps({"path": str(dest), "wheels": [w.name for w in wheels]}) + "\n")
 
 
+Kubeconfig = Annotated[Path | None, typer.Option("--kubeconfig", help="kubeconfig to use [default: ~/.kube/config]")]
+Context = Annotated[str | None, typer.Option("--context", help="kubeconfig context to use.")]
+Namespace = Annotated[str, typer.Option("--namespace", "-n", help="Namespace for the VMs' Kubernetes objects.")]
+
+
+@app.command("rbac")
+def rbac_cmd(
+    namespace: Namespace = "meshvm",
+    apply: Annotated[bool, typer.Option("--apply", help="Apply to the cluster instead of printing.")] = False,
+    kubeconfig: Kubeconfig = None,
+    context: Context = None,
+) -> None:
+    """The least privilege meshvm needs: a ServiceAccount, Role and RoleBinding for only its kinds in one namespace."""
+    import yaml
+
+    from meshvm.kube import client, rbac
+
+    manifests = rbac.manifests(namespace)
+    if not apply:
+        sys.stdout.write(yaml.safe_dump_all(manifests, sort_keys=False))
+        return
+    for applied in client.apply(client.api_client(kubeconfig, context), manifests):
+        err.print(f"applied {applied}")
+
+
 def main() -> None:
     """Entry point: expected errors become one line on stderr and their exit code."""
     try:

@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from meshvm import pki
+from meshvm.bootstrap import Bootstrap
 from meshvm.errors import OperationFailedError
 from meshvm.fsutil import atomic_write
 from meshvm.kube import client, rbac
@@ -154,13 +155,15 @@ def _kubeconfig(server: str, ca: Path, admin_token: str, restricted_token: str) 
     }
 
 
-def install_cluster_objects(kubeconfig: Path) -> None:
-    """Istio's CRDs, the meshvm namespace and the registrar's namespaced RBAC (bound to the restricted user)."""
+def install_cluster_objects(kubeconfig: Path, bootstrap: Bootstrap) -> None:
+    """Istio's CRDs, the meshvm namespace, the registrar's namespaced RBAC (bound to the restricted user) and the
+    bootstrap material `meshvm join` reads."""
     api = client.api_client(kubeconfig, context="lab-admin")
     crds = [doc for doc in yaml.safe_load_all(CRDS.read_text()) if doc]
     client.apply(api, crds)
     _wait_crds_established(api, [crd["metadata"]["name"] for crd in crds])
     client.apply(api, rbac.manifests(NAMESPACE, user=RESTRICTED_USER))
+    client.apply(api, bootstrap.manifests(NAMESPACE))
 
 
 def _wait_crds_established(api: Any, names: list[str]) -> None:

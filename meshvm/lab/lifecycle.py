@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from meshvm.artifacts import cache_dir
+from meshvm.bootstrap import Bootstrap
 from meshvm.errors import MeshvmError, OperationFailedError, UsageError
 from meshvm.fsutil import atomic_write
 from meshvm.lab import artifacts, consul_server, kube, network, vms
@@ -125,11 +126,7 @@ def _write_access_files(lab: LabState, known_hosts: list[str], inventory: Path) 
     # and ACL tokens, so it is readable by root only. The management token is here because only it may write the
     # mesh policy in the lab; a real deployment gives policy.yml a token limited to `key_prefix "meshvm/"`.
     lab_vars = {
-        "consul_agent_datacenter": lab.consul.datacenter,
-        "consul_agent_retry_join": [lab.consul.serf_lan_addr],
-        "consul_agent_encrypt": lab.consul.gossip_key,
-        "consul_agent_acl_agent_token": lab.consul.vm_token,
-        "meshvm_agent_consul_token": lab.consul.vm_token,
+        **lab_bootstrap(lab.consul).ansible_vars(),
         "meshvm_policy_consul_http_addr": lab.consul.http_addr,
         "meshvm_policy_consul_token": lab.consul.management_token,
     }
@@ -138,6 +135,19 @@ def _write_access_files(lab: LabState, known_hosts: list[str], inventory: Path) 
         f"---\n# Written by `meshvm lab up` from {lab.path}; `meshvm lab down` removes it. Secrets: keep it 0600.\n"
         + yaml.safe_dump(lab_vars, sort_keys=False),
         mode=0o600,
+    )
+
+
+def lab_bootstrap(consul: ConsulInfo) -> Bootstrap:
+    """What a lab VM needs to join the lab's Consul (stored in the cluster for `meshvm join`)."""
+    return Bootstrap.model_validate(
+        {
+            "datacenter": consul.datacenter,
+            "retry_join": [consul.serf_lan_addr],
+            "consul_http_addr": consul.http_addr,
+            "gossip_key": consul.gossip_key,
+            "acl_token": consul.vm_token,
+        }
     )
 
 
@@ -243,7 +253,7 @@ def _up(
         apiserver = kube.start_apiserver(built.kube_apiserver.path, state_dir, lab.etcd.url)
         lab.kube = KubeInfo(version=built.kube_apiserver.version, **apiserver)
         lab.save()
-        kube.install_cluster_objects(Path(lab.kube.kubeconfig))
+        kube.install_cluster_objects(Path(lab.kube.kubeconfig), lab_bootstrap(lab.consul))
         key = Path(lab.ssh_key)
         key.parent.mkdir(parents=True, exist_ok=True)
         if not key.exists():

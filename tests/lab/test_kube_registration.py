@@ -90,3 +90,22 @@ def test_restricted_identity_gets_403_outside_its_namespace(registrar: object) -
     vm = reg.VmWorkload("kt-vm1", "198.51.100.11", (_svc("kt-web", 80),))
     with pytest.raises(OperationFailedError, match="403 forbidden"):
         reg.register(registrar, [vm], "default", "kubernetes")
+
+
+def test_bootstrap_material_is_readable_by_the_registrar_only_by_name(lab: LabState) -> None:
+    from kubernetes import client as k8s
+    from kubernetes.client.exceptions import ApiException
+
+    from meshvm import bootstrap
+
+    assert lab.kube is not None
+    assert lab.consul is not None
+    api = api_client(Path(lab.kube.kubeconfig), context="lab-registrar")
+    material = bootstrap.from_cluster(api, NS)
+    assert material.datacenter == lab.consul.datacenter
+    assert material.retry_join == [lab.consul.serf_lan_addr]
+    assert material.gossip_key.get_secret_value() == lab.consul.gossip_key
+    assert "**" in repr(material.acl_token), "secrets never show in reprs or logs"
+    with pytest.raises(ApiException) as listing:
+        k8s.CoreV1Api(api).list_namespaced_secret(NS)
+    assert listing.value.status == 403

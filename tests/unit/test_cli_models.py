@@ -104,3 +104,24 @@ def test_render_bootstrap_and_resources_are_accepted_by_envoy(meshvm_cli: str, t
         check=False,
     )
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_rbac_prints_only_namespaced_least_privilege(meshvm_cli: str) -> None:
+    done = run(meshvm_cli, "rbac", "--namespace", "vms")
+    assert done.returncode == 0, done.stderr
+    docs = list(yaml.safe_load_all(done.stdout))
+    assert [d["kind"] for d in docs] == ["Namespace", "ServiceAccount", "Role", "RoleBinding"]
+    role = docs[2]
+    assert role["metadata"]["namespace"] == "vms"
+    assert {r for rule in role["rules"] for r in rule["resources"]} == {
+        "services",
+        "endpointslices",
+        "workloadentries",
+        "serviceentries",
+        "configmaps",
+        "secrets",
+    }
+    secret_rule = next(r for r in role["rules"] if "secrets" in r["resources"])
+    assert secret_rule["verbs"] == ["get"]
+    assert secret_rule["resourceNames"] == ["meshvm-bootstrap"], "only the bootstrap secret, never all secrets"
+    assert "ClusterRole" not in done.stdout

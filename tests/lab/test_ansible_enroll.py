@@ -1,0 +1,163 @@
+"""playbooks/enroll.yml against the lab when the input is wrong or a host is away.
+
+Each case runs the real ansible-playbook on a freshly reset VM (vm3) and checks what the operator sees and what
+the host is left with: a missing or mistyped variable is named by the argument specs, a configuration meshvm's
+model refuses is reported with meshvm's own message, a checksum mismatch stops the run before anything is
+installed (with the expected and the actual sha256), --check changes nothing, and an unreachable host is
+reported while the others are enrolled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from meshvm.lab.state import LabState
+
+pytestmark = [pytest.mark.lab, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+HOST = "vm3"
+NOTHING_INSTALLED = ("/usr/local/bin/consul", "/etc/consul.d", "/opt/meshvm", "/etc/meshvm", "/usr/local/bin/envoy")
+
+
+def _meshvm() -> str:
+    return shutil.which("meshvm") or str(REPO / ".venv" / "bin" / "meshvm")
+
+
+def _playbook(inventory: Path, playbook: str, *args: str, timeout: int = 1200) -> subprocess.CompletedProcess[str]:
+    """Run a playbook of this repository; stdout gets stderr too (ansible-core 2.19 prints errors there)."""
+    env = {**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1"}
+    env["ANSIBLE_FORCE_COLOR"] = "0"
+    binary = shutil.which("ansible-playbook") or str(REPO / ".venv" / "bin" / "ansible-playbook")
+    return subprocess.run(
+        [binary, "-i", str(inventory), str(REPO / "playbooks" / playbook), *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def _on_vm(lab: LabState, *command: str) -> subprocess.CompletedProcess[str]:
+    host = lab.host(HOST)
+    return subprocess.run([*lab.ssh_argv(host), *command], capture_output=True, text=True, timeout=60, check=False)
+
+
+def _installed(lab: LabState) -> list[str]:
+    return [path for path in NOTHING_INSTALLED if _on_vm(lab, "test", "-e", path).returncode == 0]
+
+
+def _forget_node(lab: LabState) -> None:
+    assert lab.consul is not None
+    subprocess.run(
+        [lab.consul.binary, "force-leave", "-prune", f"-http-addr={lab.consul.local_http_addr}", HOST],
+        env={**os.environ, "CONSUL_HTTP_TOKEN": lab.consul.management_token},
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def fresh(lab: LabState) -> Iterator[LabState]:
+    """vm3 with a fresh disk; reset again (and forgotten by Consul) when the module is done."""
+    subprocess.run([_meshvm(), "lab", "reset", HOST], check=True, capture_output=True, timeout=180)
+    yield lab
+    subprocess.run([_meshvm(), "lab", "reset", HOST], check=True, capture_output=True, timeout=180)
+    _forget_node(lab)
+
+
+@pytest.fixture
+def inventory(fresh: LabState, tmp_path: Path) -> Path:
+    """A copy of inventories/lab (hosts, Consul secrets, demo services) that a test may change."""
+    source = Path(fresh.inventory).parent
+    target = tmp_path / "inventory"
+    shutil.copytree(source, target)
+    return target
+
+
+def test_a_missing_variable_is_named_before_anything_is_installed(fresh: LabState, inventory: Path) -> None:
+    host_vars = inventory / "host_vars" / f"{HOST}.yml"
+    data = yaml.safe_load(host_vars.read_text())
+    del data["meshvm_agent_services"]
+    host_vars.write_text(yaml.safe_dump(data))
+    done = _playbook(inventory, "enroll.yml", "--limit", HOST)
+    assert done.returncode != 0
+    assert "missing required arguments: meshvm_agent_services" in done.stdout, done.stdout[-3000:]
+    assert _installed(fresh) == []
+
+
+def test_a_mistyped_variable_is_named(fresh: LabState, inventory: Path) -> None:
+    services = [{"name": "api", "port": 8080, "mesh_prot": 21000}]
+    done = _playbook(inventory, "enroll.yml", "--limit", HOST, "-e", json.dumps({"meshvm_agent_services": services}))
+    assert done.returncode != 0
+    assert "mesh_prot" in done.stdout, done.stdout[-3000:]
+    assert "Unsupported parameters" in done.stdout, done.stdout[-3000:]
+    wrong_type = _playbook(inventory, "enroll.yml", "--limit", HOST, "-e", "consul_agent_http_port=eighty")
+    assert wrong_type.returncode != 0
+    assert "consul_agent_http_port" in wrong_type.stdout, wrong_type.stdout[-3000:]
+    assert _installed(fresh) == []
+
+
+def test_a_configuration_meshvm_refuses_gets_meshvm_s_message(fresh: LabState, inventory: Path) -> None:
+    services = [{"name": "api", "port": 8080, "mesh_port": 19000}]
+    done = _playbook(inventory, "enroll.yml", "--limit", HOST, "-e", json.dumps({"meshvm_agent_services": services}))
+    assert done.returncode != 0
+    assert "port 19000 is used twice: envoy.admin_port and services[api].mesh_port" in done.stdout, done.stdout[-3000:]
+    assert _installed(fresh) == []
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"consul_agent_sha256": "0" * 64}, "checksum mismatch for http://deb.debian.org/"),
+        ({"envoy_binary_sha256": "0" * 64}, "checksum mismatch for Envoy 1.40.0"),
+    ],
+    ids=["consul", "envoy"],
+)
+def test_a_checksum_mismatch_stops_before_anything_is_installed(
+    fresh: LabState, inventory: Path, override: dict[str, str], message: str
+) -> None:
+    done = _playbook(inventory, "enroll.yml", "--limit", HOST, "-e", json.dumps(override))
+    assert done.returncode != 0
+    output = " ".join(done.stdout.split())
+    assert message in output, done.stdout[-3000:]
+    assert f"expected sha256 {'0' * 64}, got " in output, done.stdout[-3000:]
+    assert _installed(fresh) == []
+
+
+def test_check_mode_on_a_fresh_host_changes_nothing(fresh: LabState, inventory: Path) -> None:
+    done = _playbook(inventory, "site.yml", "--limit", HOST, "--check", "--diff")
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert "failed=0" in done.stdout
+    assert _installed(fresh) == []
+    users = _on_vm(fresh, "getent", "passwd", "consul", "meshvm", "envoy")
+    assert users.stdout == "", f"check mode created users: {users.stdout}"
+
+
+def test_an_unreachable_host_is_reported_and_the_others_enrol(fresh: LabState, inventory: Path) -> None:
+    # A host in the lab's subnet with no VM behind it: the lab routes that subnet to `unreachable`.
+    (inventory / "away.yml").write_text(
+        yaml.safe_dump({"all": {"children": {"meshvm": {"hosts": {"vm-away": {"ansible_host": "198.51.100.99"}}}}}})
+    )
+    done = _playbook(inventory, "enroll.yml", "--limit", f"{HOST},vm-away", "-e", "ansible_ssh_timeout=5")
+    recap = done.stdout[done.stdout.rindex("PLAY RECAP") :]
+    assert done.returncode == 4, recap  # 4: a host was unreachable
+    away = next(line for line in recap.splitlines() if line.startswith("vm-away"))
+    assert "unreachable=1" in away
+    enrolled = next(line for line in recap.splitlines() if line.startswith(HOST))
+    assert "failed=0" in enrolled, recap
+    assert "unreachable=0" in enrolled, recap
+    for unit in ("consul", "meshvm-agent", "envoy"):
+        assert _on_vm(fresh, "systemctl", "is-active", unit).stdout.strip() == "active", unit

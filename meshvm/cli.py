@@ -416,9 +416,13 @@ def _target(
     )
 
 
-def _report_table(title: str, reports: list[Any]) -> bool:
+def _report_table(title: str, reports: list[Any], *, changes: bool = True) -> bool:
+    """One row per host; `changes` adds the number of tasks the playbook changed (join and leave, not status)."""
     table = Table(title=title)
-    for column in ("host", "address", "services", "changed", "consul", "envoy", "mTLS", "kubernetes", "result"):
+    columns = ["host", "address", "services", "changed", "consul", "envoy", "mTLS", "kubernetes", "result"]
+    if not changes:
+        columns.remove("changed")
+    for column in columns:
         table.add_column(column, overflow="fold")
     for r in reports:
         result = "[green]ok[/]" if r.ok else f"[red]{r.step}[/]: {r.error}"
@@ -428,6 +432,7 @@ def _report_table(title: str, reports: list[Any]) -> bool:
             r.host,
             r.address,
             ", ".join(r.services) or "-",
+            *([str(r.changed)] if changes else []),
             consul,
             r.envoy,
             mtls,
@@ -512,7 +517,7 @@ def status_cmd(
         healthy = all(h["ok"] for h in data["hosts"])
     else:
         rows = [HostReport(**{k: v for k, v in h.items() if k != "healthy"}) for h in data["hosts"]]
-        healthy = _report_table("meshvm status", rows)
+        healthy = _report_table("meshvm status", rows, changes=False)
         for host, objects in sorted(data["stale"].items()):
             err.print(
                 f"stale: {host} is not in the inventory but has {', '.join(objects)} (`meshvm prune` removes them)"

@@ -70,3 +70,15 @@ class Remote:
         except (TimeoutError, OSError, paramiko.SSHException) as exc:
             raise PeerUnreachableError(f"{self.host.name}: `{command}` failed over SSH: {exc}") from exc
         return Result(code, out, err)
+
+    def put(self, local: Path, dest: str, mode: int = 0o644) -> None:
+        """Copy a file to the host over the same connection (SFTP)."""
+        try:
+            sftp = self._client.open_sftp()
+            try:
+                sftp.put(str(local), dest)
+                sftp.chmod(dest, mode)
+            finally:
+                sftp.close()
+        except (OSError, paramiko.SSHException) as exc:
+            raise PeerUnreachableError(f"{self.host.name}: copying {local.name} failed: {exc}") from exc

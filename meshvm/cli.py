@@ -541,6 +541,35 @@ def prune_cmd(
     err.print("\n".join(f"deleted {r}" for r in removed) if removed else "nothing stale")
 
 
+@app.command("graph")
+def graph_cmd(
+    inventory: InventoryOpt = Path("inventories/lab"),
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Where to write the SVG picture.", metavar="FILE.svg")
+    ] = Path("mesh.svg"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print the edges as JSON instead of drawing.")] = False,
+) -> None:
+    """Who talks to whom: each VM's Envoy counters (requests, 5xx, TCP connections per caller and callee) read
+    over SSH and drawn as an SVG picture. Exit 1 if a host's Envoy could not be read (the rest is still drawn)."""
+    from meshvm import inventory as inventory_mod
+    from meshvm.errors import UsageError
+    from meshvm.fsutil import atomic_write
+    from meshvm.graph import collect, svg
+
+    if not as_json and output.suffix != ".svg":
+        raise UsageError(f"--output {output}: meshvm draws SVG; name the file *.svg")
+    graph = collect(inventory_mod.load(inventory))
+    if as_json:
+        sys.stdout.write(json.dumps(graph.as_json(), indent=2, sort_keys=True) + "\n")
+    else:
+        atomic_write(output, svg(graph, title=f"meshvm: {inventory}"), mode=0o644)
+        err.print(f"wrote {output}: {len(graph.services)} services, {len(graph.edges)} caller/callee pairs")
+    for host, why in sorted(graph.unreachable.items()):
+        err.print(f"{host}: not drawn: {why}", markup=False)
+    if graph.unreachable:
+        raise typer.Exit(ExitCode.FAILED)
+
+
 def main() -> None:
     """Entry point: expected errors become one line on stderr and their exit code."""
     try:

@@ -445,6 +445,27 @@ def test_inbound_refuses_a_client_without_mesh_certificate(mesh_under_load: LabS
     assert tls.returncode != 0, "TLS without a client certificate must be refused"
 
 
+def test_graph_draws_who_calls_whom(mesh_under_load: LabState, tmp_path: Path) -> None:
+    import xml.etree.ElementTree as ET
+
+    as_json = subprocess.run(
+        [meshvm_exe(), "graph", "-i", str(INVENTORY), "--json"], capture_output=True, text=True, check=False, cwd=REPO
+    )
+    assert as_json.returncode == 0, as_json.stderr
+    data = json.loads(as_json.stdout)
+    edges = {(e["source"], e["destination"]): e for e in data["edges"]}
+    assert set(edges) == {("web", "api")}, edges
+    assert edges["web", "api"]["requests"] > 1000, "the load tests sent thousands of requests from web to api"
+    assert sorted(data["services"]["api"]) == ["vm2", "vm3"]
+    picture = tmp_path / "mesh.svg"
+    drawn = subprocess.run(
+        [meshvm_exe(), "graph", "-i", str(INVENTORY), "-o", str(picture)], capture_output=True, text=True, check=False
+    )
+    assert drawn.returncode == 0, drawn.stderr
+    lines = ET.parse(picture).getroot().findall("{http://www.w3.org/2000/svg}line")  # noqa: S314 - our own output
+    assert [(e.get("data-source"), e.get("data-destination")) for e in lines] == [("web", "api")]
+
+
 def test_leave_removes_everything_and_is_idempotent(mesh_under_load: LabState) -> None:
     lab = mesh_under_load
     done = _meshvm(lab, "leave", "vm3")

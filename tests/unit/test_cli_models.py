@@ -125,3 +125,17 @@ def test_rbac_prints_only_namespaced_least_privilege(meshvm_cli: str) -> None:
     assert secret_rule["verbs"] == ["get"]
     assert secret_rule["resourceNames"] == ["meshvm-bootstrap"], "only the bootstrap secret, never all secrets"
     assert "ClusterRole" not in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["-o", "mesh.png"], "--output mesh.png: meshvm draws SVG; name the file *.svg"),
+        (["-i", "/nonexistent/inventory"], "/nonexistent/inventory"),
+    ],
+)
+def test_graph_refuses_bad_input_in_one_line(meshvm_cli: str, args: list[str], expected: str) -> None:
+    done = run(meshvm_cli, "graph", *args)
+    assert done.returncode == 2, done.stderr
+    assert expected in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1

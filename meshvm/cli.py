@@ -449,6 +449,10 @@ def join_cmd(
         list[str] | None, typer.Argument(help="Hosts to join (default: every host in group meshvm)")
     ] = None,
     inventory: InventoryOpt = Path("inventories/lab"),
+    limit: Annotated[
+        str | None,
+        typer.Option("--limit", "-l", help="Comma-separated hosts or globs (web-*), added to HOST…", metavar="PATTERN"),
+    ] = None,
     check: Annotated[
         bool, typer.Option("--check", help="Show what would change (ansible --check --diff); change nothing.")
     ] = False,
@@ -467,7 +471,7 @@ def join_cmd(
     with err.status("joining…") as spinner:
         reports = join(
             target,
-            hosts or [],
+            [*(hosts or []), *(p.strip() for p in (limit or "").split(",") if p.strip())],
             bootstrap_file=bootstrap,
             check=check,
             progress=lambda host, what: spinner.update(f"{host}: {what}"),

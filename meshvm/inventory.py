@@ -5,6 +5,7 @@ Read with ``ansible-inventory --list``, so every inventory format and plugin Ans
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import shlex
 import shutil
@@ -93,13 +94,14 @@ def load(inventory: Path, *, group: str = GROUP) -> dict[str, InventoryHost]:
 
 
 def select(hosts: dict[str, InventoryHost], wanted: list[str]) -> dict[str, InventoryHost]:
-    """The hosts named in ``wanted`` (all when empty); an unknown name is a usage error naming it."""
+    """The hosts named in ``wanted`` (all when empty), in inventory order; a name may be a glob (``web-*``) as in
+    Ansible's --limit. A name or glob that matches nothing is a usage error naming it."""
     if not wanted:
         return hosts
-    unknown = [w for w in wanted if w not in hosts]
+    unknown = [w for w in wanted if not fnmatch.filter(hosts, w)]
     if unknown:
         raise ConfigError(
             f"unknown host{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: not in the inventory",
             hint=f"known: {', '.join(sorted(hosts))}",
         )
-    return {w: hosts[w] for w in wanted}
+    return {name: host for name, host in hosts.items() if any(fnmatch.fnmatchcase(name, w) for w in wanted)}

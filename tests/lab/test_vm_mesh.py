@@ -448,6 +448,10 @@ def test_inbound_refuses_a_client_without_mesh_certificate(mesh_under_load: LabS
 def test_graph_draws_who_calls_whom(mesh_under_load: LabState, tmp_path: Path) -> None:
     import xml.etree.ElementTree as ET
 
+    calls = _ssh(
+        mesh_under_load, "vm1", "sh", "-c", "for i in $(seq 50); do curl -sf -o /dev/null 127.0.0.1:9191/; done"
+    )
+    assert calls.returncode == 0, calls.stderr
     as_json = subprocess.run(
         [meshvm_exe(), "graph", "-i", str(INVENTORY), "--json"], capture_output=True, text=True, check=False, cwd=REPO
     )
@@ -455,7 +459,7 @@ def test_graph_draws_who_calls_whom(mesh_under_load: LabState, tmp_path: Path) -
     data = json.loads(as_json.stdout)
     edges = {(e["source"], e["destination"]): e for e in data["edges"]}
     assert set(edges) == {("web", "api")}, edges
-    assert edges["web", "api"]["requests"] > 1000, "the load tests sent thousands of requests from web to api"
+    assert edges["web", "api"]["requests"] >= 50, edges
     assert sorted(data["services"]["api"]) == ["vm2", "vm3"]
     picture = tmp_path / "mesh.svg"
     drawn = subprocess.run(

@@ -84,6 +84,11 @@ def inventory(fresh: LabState, tmp_path: Path) -> Path:
     source = Path(fresh.inventory).parent
     target = tmp_path / "inventory"
     shutil.copytree(source, target)
+    # The lab inventory finds policies/ next to inventories/; the copy lives elsewhere, so name the file outright.
+    group_vars = target / "group_vars" / "meshvm.yml"
+    settings = yaml.safe_load(group_vars.read_text())
+    settings["meshvm_policy_file"] = str(REPO / "policies" / "lab.yml")
+    group_vars.write_text(yaml.safe_dump(settings))
     return target
 
 

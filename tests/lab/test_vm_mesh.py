@@ -54,9 +54,9 @@ def _meshvm(lab: LabState, *args: str, timeout: float = 900) -> subprocess.Compl
     )
 
 
-def _playbook(name: str) -> subprocess.CompletedProcess[str]:
+def _playbook(name: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(Path(meshvm_exe()).parent / "ansible-playbook"), "-i", str(INVENTORY), f"playbooks/{name}"],
+        [str(Path(meshvm_exe()).parent / "ansible-playbook"), "-i", str(INVENTORY), f"playbooks/{name}", *args],
         capture_output=True,
         text=True,
         check=False,
@@ -73,8 +73,10 @@ def _playbook(name: str) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module")
 def joined(lab: LabState) -> LabState:
     subprocess.run([meshvm_exe(), "lab", "reset", "vm1", "vm2", "vm3"], check=True, capture_output=True)
-    for playbook in ("demo.yml", "policy.yml"):
-        done = _playbook(playbook)
+    # `--mesh kubernetes` (join's default) is for clusters without a mesh: pods reach a VM's service through its
+    # EndpointSlice, without mTLS, so the apps listen on the VM's address here (the lab default is loopback only).
+    for playbook, extra in (("demo.yml", ["-e", "demo_app_address=0.0.0.0"]), ("policy.yml", [])):
+        done = _playbook(playbook, *extra)
         assert done.returncode == 0, done.stdout[-3000:]
     return lab
 

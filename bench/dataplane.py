@@ -57,8 +57,11 @@ def fortio() -> Path:
 
 
 def envoy_usage(remote: Remote) -> tuple[float, float]:
-    """(CPU seconds used so far, RSS MB) of the host's Envoy."""
-    pid = remote.run("systemctl", "show", "-p", "MainPID", "--value", "envoy").out.strip()
+    """(CPU seconds used so far, RSS MB) of the host's Envoy: the newest `envoy` process, not the unit's main
+    process (that is envoy-restarter, the small Python supervisor that makes hot restarts possible)."""
+    pid = remote.run("pgrep", "-n", "-x", "envoy").out.strip()
+    if not pid.isdigit():
+        raise SystemExit(f"bench.dataplane: no envoy process on {remote.host.name}")
     stat = remote.run("cat", f"/proc/{pid}/stat").out.rsplit(")", 1)[1].split()
     ticks = int(remote.run("getconf", "CLK_TCK").out.strip() or 100)
     rss = next(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shlex
 import subprocess
 import threading
 import time
@@ -21,6 +20,7 @@ from meshvm.kube.client import api_client
 from meshvm.lab import network
 from meshvm.lab.procs import free_port, spawn, stop
 from meshvm.lab.state import LabState
+from tests.support.mesh import ssh as _ssh
 
 pytestmark = pytest.mark.lab
 
@@ -218,16 +218,6 @@ def test_envoy_validates_and_serves(lab: LabState, tmp_path: Path, envoy_bin: Pa
             assert response.read() == b"ok"
     finally:
         stop(pid)
-
-
-def _ssh(lab: LabState, host: str, *command: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*lab.ssh_argv(lab.host(host)), shlex.join(command)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
 
 
 def test_vm_runs_systemd_and_reaches_peers_over_the_bridge(lab: LabState) -> None:

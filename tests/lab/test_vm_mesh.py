@@ -23,23 +23,12 @@ from meshvm.lab import consul_server
 from meshvm.lab.procs import stop
 from meshvm.lab.state import LabState
 from tests.support.mesh import management, meshvm_exe, wait_for
+from tests.support.mesh import ssh as _ssh
 
 pytestmark = pytest.mark.lab
 REPO = Path(__file__).resolve().parents[2]
 INVENTORY = REPO / "inventories" / "lab"
 FORTIO = "/usr/local/bin/fortio"
-
-
-def _ssh(lab: LabState, host: str, *command: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    import shlex
-
-    return subprocess.run(
-        [*lab.ssh_argv(lab.host(host)), shlex.join(command)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
 
 
 def _meshvm(lab: LabState, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import time
@@ -45,6 +46,17 @@ def meshvm_exe() -> str:
 
 def next_address() -> str:
     return f"127.0.0.{next(_addresses)}"
+
+
+def ssh(lab: LabState, host: str, *command: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run ``command`` on a lab VM as root over the lab's SSH config; never raises on a non-zero exit."""
+    return subprocess.run(
+        [*lab.ssh_argv(lab.host(host)), shlex.join(command)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def management(lab: LabState) -> consul.Consul:

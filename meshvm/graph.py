@@ -75,8 +75,7 @@ def collect(hosts: dict[str, InventoryHost]) -> Graph:
             graph.services.setdefault(service.name, []).append(name)
 
     def read(host: InventoryHost) -> dict[str, Any]:
-        envoy = host.variables.get("meshvm_agent_envoy") or {}
-        url = f"http://127.0.0.1:{int(envoy.get('admin_port', 19000))}/stats?format=json&filter={STAT_FILTER}"
+        url = f"http://127.0.0.1:{host.envoy_admin_port}/stats?format=json&filter={STAT_FILTER}"
         with Remote(host) as remote:
             done = remote.run("curl", "-s", "--fail", "--max-time", "5", url)
         if done.code != 0:

@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from meshvm.config import ServiceSpec, format_validation_error
+from meshvm.config import EnvoySpec, ServiceSpec, format_validation_error
 from meshvm.errors import ConfigError, PrerequisiteError
 
 GROUP = "meshvm"
@@ -34,6 +34,11 @@ class InventoryHost:
     strict_host_keys: bool = True
     services: tuple[ServiceSpec, ...] = ()
     variables: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def envoy_admin_port(self) -> int:
+        """Envoy's admin port on the host (meshvm_agent_envoy.admin_port; the agent model's default otherwise)."""
+        return int((self.variables.get("meshvm_agent_envoy") or {}).get("admin_port", EnvoySpec().admin_port))
 
 
 def _ssh_options(args: str) -> dict[str, str]:

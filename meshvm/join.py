@@ -77,10 +77,9 @@ class Target:
 
 
 def _ports(host: InventoryHost) -> set[int]:
-    envoy = host.variables.get("meshvm_agent_envoy") or {}
     agent = host.variables.get("meshvm_agent_agent") or {}
     ports = {
-        int(envoy.get("admin_port", 19000)),
+        host.envoy_admin_port,
         int(agent.get("listen_port", 19200)),
         int(host.variables.get("consul_agent_http_port", 8500)),
         int(host.variables.get("consul_agent_serf_lan_port", 8301)),
@@ -124,8 +123,7 @@ def preflight(host: InventoryHost) -> str:
 
 def observe(host: InventoryHost, consul: Any, report: HostReport) -> None:
     """Fill ``report`` with the host's health right now: Consul checks, Envoy readiness, mesh identities."""
-    envoy = host.variables.get("meshvm_agent_envoy") or {}
-    admin = f"http://127.0.0.1:{int(envoy.get('admin_port', 19000))}"
+    admin = f"http://127.0.0.1:{host.envoy_admin_port}"
     with Remote(host) as remote:
         report.envoy = remote.run("curl", "-s", "--max-time", "3", f"{admin}/ready").out.strip() or "down"
         certs = remote.run("curl", "-s", "--max-time", "3", f"{admin}/certs").out

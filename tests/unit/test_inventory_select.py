@@ -28,3 +28,9 @@ def test_what_matches_nothing_is_named_with_the_known_hosts() -> None:
         select(HOSTS, ["api-1", "db-*", "vm9"])
     assert "unknown hosts db-*, vm9: not in the inventory" in str(caught.value)
     assert "api-1, api-2, web-1" in str(caught.value.hint)
+
+
+def test_envoy_admin_port_comes_from_the_host_variables_or_the_model_default() -> None:
+    assert InventoryHost(name="vm1", address="198.51.100.11").envoy_admin_port == 19000
+    custom = InventoryHost(name="vm1", address="198.51.100.11", variables={"meshvm_agent_envoy": {"admin_port": 19005}})
+    assert custom.envoy_admin_port == 19005

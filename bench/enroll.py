@@ -1,6 +1,6 @@
 """Enrollment benchmark on the lab: wall time of playbooks/enroll.yml on 1, 3 and 10 fresh VMs and of an
-idempotent re-run, plus what forks, pipelining and fact caching do (at 3 VMs), as ratios against the default run
-measured in the same session.
+idempotent re-run, plus what batch sizes, forks, pipelining, fact caching and Mitogen's strategy do (at 3 VMs), as
+ratios against the default run measured in the same session.
 
     sudo .venv/bin/python -m bench.enroll                 # grows the lab to 10 VMs; about 15 minutes on 2 cores
     sudo .venv/bin/python -m bench.enroll --sizes 1,3 --no-variants
@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -53,8 +54,9 @@ def _inventory(directory: Path, hosts: int) -> Path:
     return inventory
 
 
-def _enroll(inventory: Path, wheelhouse: Path, hosts: list[str], env_extra: dict[str, str]) -> dict[str, object]:
-    env = {**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1", **env_extra}
+def _enroll(inventory: Path, wheelhouse: Path, hosts: list[str], variant: Variant) -> dict[str, object]:
+    env = {**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1", **variant.env}
+    extra = {"meshvm_agent_wheelhouse": str(wheelhouse), "meshvm_agent_wheelhouse_build": False, **variant.extra_vars}
     argv = [
         str(BIN / "ansible-playbook"),
         "-i",
@@ -63,7 +65,7 @@ def _enroll(inventory: Path, wheelhouse: Path, hosts: list[str], env_extra: dict
         "--limit",
         ",".join(hosts),
         "-e",
-        json.dumps({"meshvm_agent_wheelhouse": str(wheelhouse), "meshvm_agent_wheelhouse_build": False}),
+        json.dumps(extra),
     ]
     started = time.monotonic()
     done = _run(argv, env)
@@ -77,13 +79,13 @@ def _fresh(hosts: list[str]) -> None:
     _must(_run([str(BIN / "meshvm"), "lab", "reset", *hosts]), "meshvm lab reset")
 
 
-def measure(inventory: Path, wheelhouse: Path, count: int, env_extra: dict[str, str], repeat: int) -> dict[str, object]:
+def measure(inventory: Path, wheelhouse: Path, count: int, variant: Variant, repeat: int) -> dict[str, object]:
     hosts = [f"vm{i}" for i in range(1, count + 1)]
     first, again = [], []
     for _ in range(repeat):
         _fresh(hosts)
-        first.append(_enroll(inventory, wheelhouse, hosts, env_extra))
-        again.append(_enroll(inventory, wheelhouse, hosts, env_extra))
+        first.append(_enroll(inventory, wheelhouse, hosts, variant))
+        again.append(_enroll(inventory, wheelhouse, hosts, variant))
     return {
         "hosts": count,
         "enroll_s": statistics.median(float(r["seconds"]) for r in first),
@@ -93,12 +95,35 @@ def measure(inventory: Path, wheelhouse: Path, count: int, env_extra: dict[str, 
     }
 
 
-VARIANTS = {
-    "default (forks 25, pipelining, facts in memory)": {},
-    "forks 1": {"ANSIBLE_FORKS": "1"},
-    "no pipelining": {"ANSIBLE_PIPELINING": "False"},
-    "fact cache (jsonfile)": {"ANSIBLE_CACHE_PLUGIN": "jsonfile"},
-}
+@dataclass(frozen=True)
+class Variant:
+    env: dict[str, str] = field(default_factory=dict)
+    extra_vars: dict[str, object] = field(default_factory=dict)
+
+
+DEFAULT = Variant()
+
+
+def _variants(facts: Path) -> dict[str, Variant]:
+    found = {
+        "default (canary + rest, forks 25, pipelining)": DEFAULT,
+        "one batch (serial 100%)": Variant(extra_vars={"meshvm_enroll_serial": "100%"}),
+        "batches of 25%": Variant(extra_vars={"meshvm_enroll_serial": [1, "25%"]}),
+        "forks 1": Variant(env={"ANSIBLE_FORKS": "1"}),
+        "no pipelining": Variant(env={"ANSIBLE_PIPELINING": "False"}),
+        "fact cache (jsonfile)": Variant(
+            env={"ANSIBLE_CACHE_PLUGIN": "jsonfile", "ANSIBLE_CACHE_PLUGIN_CONNECTION": str(facts)}
+        ),
+    }
+    try:  # Mitogen's strategy (dev extra): one persistent Python per host instead of one per task.
+        import ansible_mitogen  # type: ignore[import-untyped]
+    except ImportError:
+        return found
+    strategies = Path(ansible_mitogen.__file__).parent / "plugins" / "strategy"
+    found["mitogen_linear strategy"] = Variant(
+        env={"ANSIBLE_STRATEGY_PLUGINS": str(strategies), "ANSIBLE_STRATEGY": "mitogen_linear"}
+    )
+    return found
 
 
 def main() -> None:
@@ -123,13 +148,11 @@ def main() -> None:
         _must(_run([str(BIN / "meshvm"), "artifacts", "wheelhouse", str(wheelhouse)]), "meshvm artifacts wheelhouse")
         wheel_s = round(time.monotonic() - started, 1)
 
-        by_size = [measure(inventory, wheelhouse, n, {}, args.repeat) for n in sizes]
+        by_size = [measure(inventory, wheelhouse, n, DEFAULT, args.repeat) for n in sizes]
         variants: dict[str, dict[str, object]] = {}
         if not args.no_variants:
-            cache = work / "facts"
-            for name, env in VARIANTS.items():
-                extra = {**env, "ANSIBLE_CACHE_PLUGIN_CONNECTION": str(cache)} if "ANSIBLE_CACHE_PLUGIN" in env else env
-                variants[name] = measure(inventory, wheelhouse, min(3, max(sizes)), extra, args.repeat)
+            for name, variant in _variants(work / "facts").items():
+                variants[name] = measure(inventory, wheelhouse, min(3, max(sizes)), variant, args.repeat)
 
     base = float(by_size[0]["enroll_s"])
     print(f"wheelhouse build (once, on the controller): {wheel_s} s")

@@ -236,6 +236,49 @@ def wheelhouse(
     return sorted(dest.glob("*.whl"))
 
 
+@dataclass(frozen=True)
+class Bundle:
+    """A wheelhouse packed into one tar file, so a VM receives one file instead of one transfer per wheel."""
+
+    path: Path
+    wheels: list[str]
+    meshvm_wheel: str
+    # `sha256sum` lines of every wheel: what a VM records as "installed from" to tell whether to reinstall.
+    manifest: str
+
+
+def bundle(wheelhouse_dir: Path, *, cache: Path | None = None) -> Bundle:
+    """Pack the wheels of a wheelhouse into one deterministic tar in the cache (kept while its wheels are unchanged)."""
+    if not wheelhouse_dir.is_dir():
+        raise ConfigError(
+            f"wheelhouse {wheelhouse_dir} does not exist",
+            hint=f"build it with `meshvm artifacts wheelhouse {wheelhouse_dir}`",
+        )
+    wheels = sorted(wheelhouse_dir.glob("*.whl"))
+    ours = [w.name for w in wheels if w.name.startswith("meshvm-")]
+    if len(ours) != 1:
+        raise ConfigError(
+            f"wheelhouse {wheelhouse_dir} holds {len(ours)} meshvm wheels ({', '.join(ours) or 'none'}), not one",
+            hint=f"rebuild it with `meshvm artifacts wheelhouse {wheelhouse_dir}`",
+        )
+    manifest = "".join(f"{sha256_file(w)}  {w.name}\n" for w in wheels)
+    directory = (cache or cache_dir()) / "bundles"
+    target = directory / f"wheelhouse-{hashlib.sha256(manifest.encode()).hexdigest()[:20]}.tar"
+    if not target.exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        with (
+            tempfile.NamedTemporaryFile(dir=directory, suffix=".part", delete=False) as part,
+            tarfile.open(fileobj=part, mode="w", format=tarfile.PAX_FORMAT) as tar,
+        ):
+            for wheel in wheels:
+                info = tar.gettarinfo(str(wheel), arcname=wheel.name)
+                info.mtime, info.uid, info.gid, info.uname, info.gname, info.mode = 0, 0, 0, "root", "root", 0o644
+                with wheel.open("rb") as handle:
+                    tar.addfile(info, handle)
+        Path(part.name).replace(target)
+    return Bundle(path=target, wheels=[w.name for w in wheels], meshvm_wheel=ours[0], manifest=manifest)
+
+
 def _source_key(source: Path, python_version: str, platform: str) -> str:
     """A digest of everything that goes into meshvm's wheel (and decides its dependencies), plus the target."""
     digest = hashlib.sha256(f"{python_version} {platform}\n".encode())

@@ -351,6 +351,20 @@ def artifacts_wheelhouse(
     sys.stdout.write(json.dumps({"path": str(dest), "wheels": [w.name for w in wheels]}) + "\n")
 
 
+@artifacts_app.command("bundle")
+def artifacts_bundle(
+    wheelhouse_dir: Annotated[Path, typer.Argument(help="A wheelhouse from `meshvm artifacts wheelhouse`.")],
+    cache: Annotated[Path | None, typer.Option(help="Cache directory (default: ~/.cache/meshvm)")] = None,
+) -> None:
+    """Pack a wheelhouse into one tar for pushing to VMs; prints {"path", "wheels", "meshvm_wheel", "manifest"}."""
+    from dataclasses import asdict
+
+    from meshvm.artifacts import bundle
+
+    packed = bundle(wheelhouse_dir, cache=cache)
+    sys.stdout.write(json.dumps({**asdict(packed), "path": str(packed.path)}) + "\n")
+
+
 Kubeconfig = Annotated[
     Path | None, typer.Option("--kubeconfig", help="kubeconfig to use (default: $KUBECONFIG or ~/.kube/config)")
 ]

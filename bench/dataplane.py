@@ -7,8 +7,10 @@
 
 Needs `meshvm lab up` and vm1 (web, calling api on 127.0.0.1:9191) and vm2 (api) joined, as the README's first
 command leaves them. fortio is built once from the Go module proxy. For the run, vm2's demo `api` app is replaced
-by fortio's server on the same port, and put back after. Reports p50/p90/p99 for both paths, the latency the
-mesh adds, and each Envoy's CPU (vCPU per 1000 rps) and RSS, next to the targets and Istio's published figures.
+by fortio's server on the same port, and every other VM that serves `api` (vm3 in the lab) is put in Consul
+maintenance, so both paths reach the same single server; all of it is put back after. Reports p50/p90/p99 for both
+paths, the latency the mesh adds, and each Envoy's CPU (vCPU per 1000 rps) and RSS, next to the targets and
+Istio's published figures.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import argparse
 import json
 import os
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -56,20 +59,51 @@ def fortio() -> Path:
     return binary
 
 
-def envoy_usage(remote: Remote) -> tuple[float, float]:
-    """(CPU seconds used so far, RSS MB) of the host's Envoy: the newest `envoy` process, not the unit's main
-    process (that is envoy-restarter, the small Python supervisor that makes hot restarts possible)."""
+def envoy_usage(remote: Remote) -> tuple[float, dict[str, float]]:
+    """CPU seconds used so far, and memory in MB, of the host's Envoy: the newest `envoy` process, not the unit's
+    main process (that is envoy-restarter, the small Python supervisor that makes hot restarts possible).
+
+    Memory: RSS, and its two parts: anonymous (heap, stats, connections: what the proxy itself costs) and file
+    (pages of the Envoy binary mapped from disk: shared by every process running it, dropped under pressure)."""
     pid = remote.run("pgrep", "-n", "-x", "envoy").out.strip()
     if not pid.isdigit():
         raise SystemExit(f"bench.dataplane: no envoy process on {remote.host.name}")
     stat = remote.run("cat", f"/proc/{pid}/stat").out.rsplit(")", 1)[1].split()
     ticks = int(remote.run("getconf", "CLK_TCK").out.strip() or 100)
-    rss = next(
-        int(line.split()[1])
-        for line in remote.run("cat", f"/proc/{pid}/status").out.splitlines()
-        if line.startswith("VmRSS:")
+    status = dict(
+        line.split(":", 1) for line in remote.run("cat", f"/proc/{pid}/status").out.splitlines() if ":" in line
     )
-    return (int(stat[11]) + int(stat[12])) / ticks, rss / 1024
+    memory = {key: int(status[field].split()[0]) / 1024 for key, field in MEMORY_FIELDS.items()}
+    return (int(stat[11]) + int(stat[12])) / ticks, memory
+
+
+MEMORY_FIELDS = {"rss_mb": "VmRSS", "anon_mb": "RssAnon", "file_mb": "RssFile"}
+TOKEN_ENV = "CONSUL_HTTP_TOKEN_FILE=/etc/meshvm/consul-token"  # noqa: S105
+
+
+def maintenance(remote: Remote, service: str, enable: bool) -> None:
+    """Take the host's sidecar for `service` out of the mesh (or back in) through its local Consul agent."""
+    flag = ["-enable", "-reason", "bench.dataplane: one server"] if enable else ["-disable"]
+    done = remote.run("env", TOKEN_ENV, "/usr/local/bin/consul", "maint", *flag, "-service", f"{service}-sidecar-proxy")
+    if done.code != 0:
+        raise SystemExit(f"bench.dataplane: consul maint on {remote.host.name} failed: {done.err.strip()}")
+
+
+def wait_for_endpoints(client: Remote, admin_port: int, cluster: str, addresses: set[str]) -> None:
+    """Wait until the client's Envoy sends `cluster` to exactly these addresses: the healthy endpoints (the agent
+    marks a host in maintenance unhealthy within ~50 ms; it stays listed)."""
+    seen: set[str] = set()
+    for _ in range(100):
+        clusters = client.run("curl", "-s", f"http://127.0.0.1:{admin_port}/clusters").out
+        seen = {
+            line.split("::")[1].rsplit(":", 1)[0]
+            for line in clusters.splitlines()
+            if line.startswith(f"{cluster}::") and line.endswith("::health_flags::healthy")
+        }
+        if seen == addresses:
+            return
+        time.sleep(0.1)
+    raise SystemExit(f"bench.dataplane: {cluster} on the client still goes to {sorted(seen)}, not {sorted(addresses)}")
 
 
 def load(client: Remote, url: str, qps: int, connections: int, duration: int) -> dict[str, Any]:
@@ -112,8 +146,12 @@ def main() -> None:
     vm1, vm2 = hosts["vm1"], hosts["vm2"]
     upstream = next(u for s in vm1.services for u in s.upstreams if u.service == "api")
     api = next(s for s in vm2.services if s.name == "api")
+    source = next(s for s in vm1.services if upstream in s.upstreams)
+    cluster = f"out.{source.name}.api"
+    others = [h for h in hosts.values() if h.name != vm2.name and any(s.name == "api" for s in h.services)]
     binary = fortio()
-    with Remote(vm1) as client, Remote(vm2) as server:
+    with Remote(vm1) as client, Remote(vm2) as server, ExitStack() as stack:
+        parked = [stack.enter_context(Remote(h)) for h in others]
         for remote in (client, server):
             remote.put(binary, "/usr/local/bin/fortio", 0o755)
         server.run("systemctl", "stop", "demo-app-api.service")
@@ -130,8 +168,10 @@ def main() -> None:
             "-redirect-port",
             "disabled",
         )
-        time.sleep(1)
         try:
+            for remote in parked:
+                maintenance(remote, "api", enable=True)
+            wait_for_endpoints(client, vm1.envoy_admin_port, cluster, {vm2.address})
             # Warm both paths (connection pools, TLS sessions) before measuring.
             load(client, f"http://{vm2.address}:{api.port}/", 200, args.connections, 3)
             load(client, f"http://127.0.0.1:{upstream.local_port}/", 200, args.connections, 3)
@@ -142,11 +182,13 @@ def main() -> None:
             elapsed = time.monotonic() - started
             after = envoy_usage(client), envoy_usage(server)
         finally:
+            for remote in parked:
+                maintenance(remote, "api", enable=False)
             server.run("systemctl", "stop", "bench-fortio")
             server.run("systemctl", "start", "demo-app-api.service")
     per_1000 = mesh["qps"] / 1000
     proxies = {
-        side: {"vcpu_per_1000rps": (after[i][0] - before[i][0]) / elapsed / per_1000, "rss_mb": after[i][1]}
+        side: {"vcpu_per_1000rps": (after[i][0] - before[i][0]) / elapsed / per_1000, **after[i][1]}
         for i, side in enumerate(("client-side Envoy (vm1)", "server-side Envoy (vm2)"))
     }
     added = {p: mesh[p] - direct[p] for p in ("p50", "p90", "p99")}
@@ -176,7 +218,8 @@ def main() -> None:
     for side, usage in proxies.items():
         print(
             f"{side}: {usage['vcpu_per_1000rps']:.3f} vCPU per 1000 rps (target {TARGETS['vcpu_per_1000rps']}, "
-            f"Istio {ISTIO['vcpu_per_1000rps']}), RSS {usage['rss_mb']:.1f} MB (target {TARGETS['rss_mb']})"
+            f"Istio {ISTIO['vcpu_per_1000rps']}), RSS {usage['rss_mb']:.1f} MB (target {TARGETS['rss_mb']}): "
+            f"anonymous {usage['anon_mb']:.1f} MB + the binary's mapped pages {usage['file_mb']:.1f} MB"
         )
 
 

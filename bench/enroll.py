@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -67,12 +68,29 @@ def _enroll(inventory: Path, wheelhouse: Path, hosts: list[str], variant: Varian
         "-e",
         json.dumps(extra),
     ]
-    started = time.monotonic()
+    started, controller, machine = time.monotonic(), _children_cpu(), _machine_busy()
     done = _run(argv, env)
     seconds = time.monotonic() - started
     _must(done, f"enroll.yml on {','.join(hosts)}")
     recap = {m[1]: int(m[3]) for m in RECAP.finditer(done.stdout)}
-    return {"seconds": round(seconds, 1), "changed": sum(recap.get(h, 0) for h in hosts)}
+    return {
+        "seconds": round(seconds, 1),
+        "changed": sum(recap.get(h, 0) for h in hosts),
+        # CPU seconds: Ansible on the controller, and the whole machine (controller + VMs + lab servers).
+        "controller_cpu_s": round(_children_cpu() - controller, 1),
+        "machine_cpu_s": round(_machine_busy() - machine, 1),
+    }
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _machine_busy() -> float:
+    """Busy CPU seconds of the whole machine since boot (every /proc/stat column but idle and iowait)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def _fresh(hosts: list[str]) -> None:
@@ -91,6 +109,8 @@ def measure(inventory: Path, wheelhouse: Path, count: int, variant: Variant, rep
         "enroll_s": statistics.median(float(r["seconds"]) for r in first),
         "rerun_s": statistics.median(float(r["seconds"]) for r in again),
         "rerun_changed": max(int(r["changed"]) for r in again),
+        "controller_cpu_s": statistics.median(float(r["controller_cpu_s"]) for r in first),
+        "machine_cpu_s": statistics.median(float(r["machine_cpu_s"]) for r in first),
         "runs": {"enroll": first, "rerun": again},
     }
 
@@ -156,12 +176,16 @@ def main() -> None:
 
     base = float(by_size[0]["enroll_s"])
     print(f"wheelhouse build (once, on the controller): {wheel_s} s")
-    print(f"{'VMs':>4} {'enroll s':>9} {'x 1-VM':>7} {'re-run s':>9} {'changed':>8}")
+    header = f"{'VMs':>4} {'enroll s':>9} {'x 1-VM':>7} {'re-run s':>9} {'changed':>8}"
+    print(f"{header} {'CPU s/VM: Ansible':>18} {'machine':>8}")
     for row in by_size:
-        enroll_s = float(row["enroll_s"])
+        enroll_s, hosts = float(row["enroll_s"]), int(str(row["hosts"]))
+        per_vm = float(row["controller_cpu_s"]) / hosts, float(row["machine_cpu_s"]) / hosts
         print(
-            f"{row['hosts']:>4} {enroll_s:>9.1f} {enroll_s / base:>7.2f} {row['rerun_s']:>9} {row['rerun_changed']:>8}"
+            f"{hosts:>4} {enroll_s:>9.1f} {enroll_s / base:>7.2f} {row['rerun_s']:>9} {row['rerun_changed']:>8}"
+            f" {per_vm[0]:>18.1f} {per_vm[1]:>8.1f}"
         )
+    print(f"(the machine has {os.cpu_count()} CPUs for the controller, the VMs and the lab's servers together)")
     if variants:
         default = next(iter(variants.values()))
         d_enroll, d_rerun = float(default["enroll_s"]), float(default["rerun_s"])

@@ -109,7 +109,9 @@ class EnvoySpec(Strict):
     config_dir: Path = Path("/var/lib/meshvm/envoy")
     bootstrap_path: Path = Path("/etc/meshvm/envoy.json")
     prometheus_port: Port | None = Field(19102, description="/stats/prometheus on bind_address; null = off")
-    access_log_path: str = "/dev/stdout"
+    access_log_path: str | None = Field(
+        "/dev/stdout", description="one JSON line per request: a file, /dev/stdout (the journal); null = off"
+    )
     drain_time: Duration = 5.0
     connect_timeout: Duration = 2.0
 

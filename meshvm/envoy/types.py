@@ -51,7 +51,10 @@ def percent(value: float) -> JSON:
     return {"numerator": round(value * 10_000), "denominator": "MILLION"}
 
 
-def access_log(path: str) -> list[JSON]:
+def access_log(path: str | None) -> list[JSON]:
+    """One JSON line per request or connection; none when the path is None."""
+    if path is None:
+        return []
     fields = {
         "start_time": "%START_TIME%",
         "method": "%REQ(:METHOD)%",

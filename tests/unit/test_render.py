@@ -76,8 +76,10 @@ def ca() -> MeshCA:
     return MeshCA()
 
 
-def snapshot(ca: MeshCA, tmp: Path, policy: dict[str, Any] | None = None) -> Snapshot:
-    config = parse_config({**CONFIG, "envoy": {"config_dir": str(tmp)}})
+def snapshot(
+    ca: MeshCA, tmp: Path, policy: dict[str, Any] | None = None, envoy: dict[str, Any] | None = None
+) -> Snapshot:
+    config = parse_config({**CONFIG, "envoy": {"config_dir": str(tmp), **(envoy or {})}})
     return Snapshot(
         config=config,
         policy=parse_policy(POLICY if policy is None else policy, "test policy"),
@@ -104,6 +106,16 @@ def test_every_resource_is_accepted_by_envoy(
     done = envoy_validate(
         envoy_bin if which == "newest" else envoy_oldest_bin, static_equivalent(snap.config, resources), tmp_path
     )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_access_logs_can_be_turned_off(ca: MeshCA, tmp_path: Path, envoy_bin: Path) -> None:
+    on = snapshot(ca, tmp_path)
+    assert '"envoy.access_loggers.stdout"' in json.dumps(r.build(on, r.Layout(tmp_path)).__dict__)
+    off = snapshot(ca, tmp_path, envoy={"access_log_path": None})
+    rendered = json.dumps(r.build(off, r.Layout(tmp_path)).__dict__)
+    assert "access_loggers" not in rendered
+    done = envoy_validate(envoy_bin, static_equivalent(off.config, r.build(off, r.Layout(tmp_path))), tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
 
 

@@ -151,6 +151,9 @@ def main() -> None:
     parser.add_argument("--sizes", default="1,3,10", help="how many VMs to enroll at once (default 1,3,10)")
     parser.add_argument("--repeat", type=int, default=1, help="runs per measurement; the median is reported")
     parser.add_argument("--no-variants", action="store_true", help="skip the forks/pipelining/fact-cache runs")
+    parser.add_argument(
+        "--variants", default="", help="only the variants whose names contain one of these words (comma-separated)"
+    )
     args = parser.parse_args()
     try:
         sizes = sorted({int(s) for s in args.sizes.split(",")})
@@ -171,7 +174,9 @@ def main() -> None:
         by_size = [measure(inventory, wheelhouse, n, DEFAULT, args.repeat) for n in sizes]
         variants: dict[str, dict[str, object]] = {}
         if not args.no_variants:
-            for name, variant in _variants(work / "facts").items():
+            wanted = [w.strip() for w in args.variants.split(",") if w.strip()]
+            chosen = {n: v for n, v in _variants(work / "facts").items() if not wanted or any(w in n for w in wanted)}
+            for name, variant in chosen.items():
                 variants[name] = measure(inventory, wheelhouse, min(3, max(sizes)), variant, args.repeat)
 
     base = float(by_size[0]["enroll_s"])

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from meshvm.errors import ConfigError, OperationFailedError, PeerUnreachableError
+from meshvm.fsutil import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -265,17 +266,15 @@ def bundle(wheelhouse_dir: Path, *, cache: Path | None = None) -> Bundle:
     directory = (cache or cache_dir()) / "bundles"
     target = directory / f"wheelhouse-{hashlib.sha256(manifest.encode()).hexdigest()[:20]}.tar"
     if not target.exists():
-        directory.mkdir(parents=True, exist_ok=True)
-        with (
-            tempfile.NamedTemporaryFile(dir=directory, suffix=".part", delete=False) as part,
-            tarfile.open(fileobj=part, mode="w", format=tarfile.PAX_FORMAT) as tar,
-        ):
+        packed = io.BytesIO()
+        with tarfile.open(fileobj=packed, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for wheel in wheels:
                 info = tar.gettarinfo(str(wheel), arcname=wheel.name)
                 info.mtime, info.uid, info.gid, info.uname, info.gname, info.mode = 0, 0, 0, "root", "root", 0o644
                 with wheel.open("rb") as handle:
                     tar.addfile(info, handle)
-        Path(part.name).replace(target)
+        # A cache file, rebuilt from the wheels if lost: atomic (no half-written archive is ever used), not fsynced.
+        atomic_write(target, packed.getvalue(), durable=False)
     return Bundle(path=target, wheels=[w.name for w in wheels], meshvm_wheel=ours[0], manifest=manifest)
 
 

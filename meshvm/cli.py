@@ -60,6 +60,14 @@ StateDir = Annotated[Path, typer.Option("--state-dir", help="Where the lab keeps
 @lab_app.command("up")
 def lab_up(
     hosts: Annotated[int, typer.Option("--hosts", "-n", help="Number of VMs (at least; a running lab is grown).")] = 2,
+    pods: Annotated[
+        int,
+        typer.Option(
+            "--pods",
+            "-p",
+            help="Number of meshed pods (pod1…podN in namespace shop, each with an Istio sidecar; at least).",
+        ),
+    ] = 0,
     state_dir: StateDir = Path("/var/lib/meshvm-lab"),
     inventory: Annotated[
         Path | None,
@@ -72,11 +80,13 @@ def lab_up(
     ] = None,
     keep_on_failure: Annotated[bool, typer.Option(help="Leave a half-built lab in place to inspect.")] = False,
 ) -> None:
-    """Build (once) and start the lab; print its peers. Needs root."""
+    """Build (once) and start the lab: Consul, kube-apiserver + etcd, kube-controller-manager, istiod, VMs and
+    meshed pods; print its peers. Needs root."""
     from meshvm import lab
 
     lab.up(
         hosts,
+        pods=pods,
         state_dir=state_dir,
         inventory=inventory,
         envoy_version=envoy_version,
@@ -97,14 +107,38 @@ def lab_down(state_dir: StateDir = Path("/var/lib/meshvm-lab")) -> None:
 
 @lab_app.command("reset")
 def lab_reset(
-    hosts: Annotated[list[str] | None, typer.Argument(help="VMs to reset (default: all)")] = None,
+    hosts: Annotated[list[str] | None, typer.Argument(help="VMs or pods to reset (default: every VM)")] = None,
     state_dir: StateDir = Path("/var/lib/meshvm-lab"),
 ) -> None:
-    """Give VMs a fresh disk and boot them again (what molecule's create/destroy use)."""
+    """Give VMs a fresh disk and boot them again (what molecule's create/destroy use); restart pods as Kubernetes
+    would (a new Pod object, token and sidecar)."""
     from meshvm import lab
 
     done = lab.reset(hosts or [], state_dir=state_dir)
     err.print(f"meshvm: reset {', '.join(done)}")
+
+
+@lab_app.command("exec", context_settings={"allow_interspersed_args": False}, no_args_is_help=True)
+def lab_exec(
+    pod: Annotated[str, typer.Argument(help="A lab pod (pod1, …).")],
+    command: Annotated[list[str], typer.Argument(help="The command and its arguments (after --).")],
+    state_dir: StateDir = Path("/var/lib/meshvm-lab"),
+) -> None:
+    """Run a command in a pod, as its app would (its traffic goes through the pod's sidecar), like `kubectl exec`:
+    `meshvm lab exec pod1 -- curl -s http://pod2.shop.svc.cluster.local/`. Exits with the command's status."""
+    import subprocess
+
+    from meshvm import lab
+    from meshvm.errors import UsageError
+    from meshvm.lab import pods
+
+    state = lab.load(state_dir)
+    if state is None:
+        raise UsageError("no lab is up", hint="start one with `meshvm lab up --pods 2`")
+    argv = command[1:] if command[:1] == ["--"] else command
+    if not argv:
+        raise UsageError("meshvm lab exec POD -- COMMAND: no command given")
+    raise typer.Exit(subprocess.run(pods.in_pod(state.pod(pod), argv), check=False).returncode)
 
 
 @lab_app.command("status")
@@ -122,11 +156,11 @@ def _print_lab_status(state_dir: Path) -> bool:
         err.print(f"meshvm: no lab is up (state dir {state_dir}); start one with `meshvm lab up`")
         return False
     table = Table(title=f"meshvm lab ({state_dir})")
-    for column in ("peer", "version", "address", "state"):
-        table.add_column(column)
+    for column in ("peer", "version", "address", "state", "detail"):
+        table.add_column(column, overflow="fold")
     for row in rows:
         colour = "green" if row.state in {"running", "installed"} else "red"
-        table.add_row(row.peer, row.version, row.address, f"[{colour}]{row.state}[/]")
+        table.add_row(row.peer, row.version, row.address, f"[{colour}]{row.state}[/]", row.detail)
     out.print(table)
     state = lab.load(state_dir)
     if state is not None:

@@ -16,6 +16,7 @@ from meshvm.lab.state import LabState
 
 REPO = Path(__file__).resolve().parents[1]
 LAB_HOSTS = 3
+LAB_PODS = 2
 
 
 def _on_ci() -> bool:
@@ -31,7 +32,7 @@ def lab() -> Iterator[LabState]:
         pytest.skip("lab tests need root")
     existing = lab_api.load()
     started_here = existing is None
-    state = lab_api.up(LAB_HOSTS)
+    state = lab_api.up(LAB_HOSTS, pods=LAB_PODS)
     yield state
     if started_here and os.environ.get("MESHVM_KEEP_LAB") != "1":
         lab_api.down()

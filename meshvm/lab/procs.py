@@ -171,6 +171,6 @@ def run(
     except subprocess.TimeoutExpired as exc:
         raise OperationFailedError(f"{what} timed out after {timeout:.0f}s") from exc
     if done.returncode != 0:
-        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-10:])
+        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-10:])
         raise OperationFailedError(f"{what} failed (exit {done.returncode}): {tail}")
     return done.stdout

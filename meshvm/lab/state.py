@@ -46,6 +46,34 @@ class KubeInfo(Process):
     ca: str
 
 
+class ControllerManagerInfo(Process):
+    version: str
+    controllers: list[str]
+
+
+class IstiodInfo(Process):
+    version: str
+    http_addr: str  # 127.0.0.1:<port>: /ready and the debug endpoints
+    xds_addr: str  # <bridge>:15012: xDS and the CA, over TLS
+    pilot_agent: str  # the sidecar agent of the same build, linked where pod processes can run it
+    envoy: str  # likewise, the Envoy binary pods run
+
+
+class Pod(BaseModel):
+    """A lab pod: a network namespace on the bridge whose Pod object, ServiceAccount and Service are in the API
+    server, with pilot-agent (and its Envoy) as the sidecar and a small test app."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    index: int
+    namespace: str
+    service_account: str
+    address: str
+    root: str  # pilot-agent's working directory: its token, root certificate and Envoy files, relative to it
+    sidecar_pid: int | None = None
+    app_pid: int | None = None
+
+
 class EnvoyInfo(BaseModel):
     model_config = ConfigDict(extra="forbid")
     version: str
@@ -66,8 +94,11 @@ class LabState(BaseModel):
     consul: ConsulInfo | None = None
     etcd: EtcdInfo | None = None
     kube: KubeInfo | None = None
+    controller_manager: ControllerManagerInfo | None = None
+    istiod: IstiodInfo | None = None
     envoy: EnvoyInfo | None = None
     hosts: list[Host] = []
+    pods: list[Pod] = []
     host_os: str = ""
     ssh_key: str = ""
     ssh_config: str = ""
@@ -92,6 +123,13 @@ class LabState(BaseModel):
             if host.name == name:
                 return host
         raise ConfigError(f"no lab host named {name!r}", hint=f"lab hosts: {', '.join(h.name for h in self.hosts)}")
+
+    def pod(self, name: str) -> Pod:
+        for pod in self.pods:
+            if pod.name == name:
+                return pod
+        names = ", ".join(p.name for p in self.pods) or "none (start them with `meshvm lab up --pods N`)"
+        raise ConfigError(f"no lab pod named {name!r}", hint=f"lab pods: {names}")
 
 
 def load(state_dir: Path = DEFAULT_STATE_DIR) -> LabState | None:

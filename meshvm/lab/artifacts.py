@@ -4,6 +4,7 @@
   the BUSL, which this project does not take; 1.8.7 is what every lab test runs against.
 * kube-apiserver and kube-controller-manager: built from ``k8s.io/kubernetes`` through the Go module proxy in a
   wrapper module that replaces each staging module by its published ``v0.X.Y``.
+* CoreDNS, the cluster's DNS: ``go install`` at a pinned version.
 * istiod (pilot-discovery) and pilot-agent: ``go install`` of ``istio.io/istio`` at a pinned pseudo-version; the
   Istio CRDs and the sidecar's Envoy bootstrap template come out of the same module.
 * etcd: built from ``go.etcd.io/etcd/server/v3`` in a wrapper module whose ``main`` calls ``etcdmain.Main``.
@@ -43,6 +44,7 @@ KUBERNETES_VERSION = "1.36.3"
 ETCD_VERSION = "3.5.35"
 ENVOY_VERSION = "1.40.0"
 KUBE_COMPONENTS = ("kube-apiserver", "kube-controller-manager")
+COREDNS_VERSION = "1.14.7"
 ISTIO_MODULE = "istio.io/istio"
 # A build of Istio's main branch (its VERSION file says 1.31) that the Go module proxy here serves.
 ISTIO_VERSION = "v0.0.0-20260827124520-eed52ebb66ad"
@@ -254,6 +256,38 @@ class Istio:
     bootstrap_template: Path  # tools/packaging/common/envoy_bootstrap.json: what pilot-agent renders for Envoy
 
 
+def _go_install(cache: Path, packages: list[str], *, gobin: Path, what: str, log_name: str) -> dict[str, str]:
+    """``go install pkg@version …`` into ``gobin``, with the lab's module and build caches; returns the env used."""
+    require_tools("go")
+    # `go install pkg@version` builds in the module's own go.mod; -mod=mod does not apply to it.
+    env = _go_env(cache) | {"GOFLAGS": "-buildvcs=false", "GOBIN": str(gobin)}
+    run_long(
+        ["go", "install", "-trimpath", "-ldflags", "-s -w", *packages],
+        what=what,
+        env=env,
+        log_path=cache / "logs" / f"{log_name}-build.log",
+    )
+    return env
+
+
+def coredns(cache: Path, version: str = COREDNS_VERSION) -> Artifact:
+    """CoreDNS, the cluster DNS of most Kubernetes clusters, by ``go install`` at a pinned version."""
+    binary = cache / "bin" / f"coredns-{version}"
+    if binary.exists():
+        return Artifact("coredns", version, binary)
+    gobin = cache / "build" / f"coredns-{version}"
+    _go_install(
+        cache,
+        [f"github.com/coredns/coredns@v{version}"],
+        gobin=gobin,
+        what=f"building CoreDNS {version} (a cold build takes minutes)",
+        log_name=f"coredns-{version}",
+    )
+    binary.parent.mkdir(parents=True, exist_ok=True)
+    (gobin / "coredns").replace(binary)
+    return Artifact("coredns", version, binary)
+
+
 def istio(cache: Path, version: str = ISTIO_VERSION) -> Istio:
     """pilot-discovery and pilot-agent by ``go install`` of istio.io/istio at ``version``; CRDs and the Envoy
     bootstrap template copied out of that module, so the lab needs nothing else of Istio's."""
@@ -267,22 +301,12 @@ def istio(cache: Path, version: str = ISTIO_VERSION) -> Istio:
     )
     if all(p.exists() for p in (found.pilot_discovery, found.pilot_agent, found.crds, found.bootstrap_template)):
         return found
-    require_tools("go")
-    # `go install pkg@version` builds in the module's own go.mod; -mod=mod does not apply to it.
-    env = _go_env(cache) | {"GOFLAGS": "-buildvcs=false", "GOBIN": str(home / "gobin")}
-    logs = cache / "logs"
-    run_long(
-        [
-            "go",
-            "install",
-            "-trimpath",
-            "-ldflags",
-            "-s -w",
-            *(f"{ISTIO_MODULE}/pilot/cmd/{cmd}@{version}" for cmd in ("pilot-discovery", "pilot-agent")),
-        ],
+    env = _go_install(
+        cache,
+        [f"{ISTIO_MODULE}/pilot/cmd/{cmd}@{version}" for cmd in ("pilot-discovery", "pilot-agent")],
+        gobin=home / "gobin",
         what=f"building istiod and pilot-agent {version} (a cold build takes about 10 minutes)",
-        env=env,
-        log_path=logs / f"istio-{version}-build.log",
+        log_name=f"istio-{version}",
     )
     source = json.loads(
         run(["go", "mod", "download", "-json", f"{ISTIO_MODULE}@{version}"], env=env, what="locating the istio module")

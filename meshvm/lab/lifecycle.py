@@ -21,11 +21,12 @@ from meshvm.bootstrap import Bootstrap
 from meshvm.errors import MeshvmError, OperationFailedError, UsageError
 from meshvm.fsutil import atomic_write
 from meshvm.kube.client import api_client
-from meshvm.lab import artifacts, consul_server, istiod, kube, network, pods, vms
+from meshvm.lab import artifacts, consul_server, dns, istiod, kube, network, pods, vms
 from meshvm.lab.launcher import CGROUP_ROOTS
 from meshvm.lab.procs import alive, http_ok, run, stop
 from meshvm.lab.state import (
     DEFAULT_STATE_DIR,
+    ClusterDnsInfo,
     ConsulInfo,
     ControllerManagerInfo,
     EnvoyInfo,
@@ -65,6 +66,7 @@ class Artifacts:
     etcd: artifacts.Artifact
     kube_apiserver: artifacts.Artifact
     kube_controller_manager: artifacts.Artifact
+    coredns: artifacts.Artifact
     istio: artifacts.Istio
     envoy: artifacts.Artifact
     rootfs: artifacts.Artifact
@@ -78,6 +80,7 @@ def fetch_artifacts(cache: Path, *, envoy_version: str, fallback_debs: tuple[Pat
                 artifacts.etcd(cache),
                 artifacts.kube_component(cache, "kube-apiserver"),
                 artifacts.kube_component(cache, "kube-controller-manager"),
+                artifacts.coredns(cache),
                 artifacts.istio(cache),
             )
         )
@@ -88,13 +91,14 @@ def fetch_artifacts(cache: Path, *, envoy_version: str, fallback_debs: tuple[Pat
                 artifacts.rootfs(cache),
             )
         )
-        etcd, apiserver, controller_manager, istio = builds.result()
+        etcd, apiserver, controller_manager, coredns, istio = builds.result()
         consul, envoy, rootfs = fetches.result()
     return Artifacts(
         consul=consul,
         etcd=etcd,
         kube_apiserver=apiserver,
         kube_controller_manager=controller_manager,
+        coredns=coredns,
         istio=istio,
         envoy=envoy,
         rootfs=rootfs,
@@ -205,11 +209,11 @@ def default_inventory_path(state_dir: Path) -> Path:
 
 
 def _running(lab: LabState) -> bool:
-    procs = [p for p in (lab.consul, lab.etcd, lab.kube, lab.controller_manager, lab.istiod) if p is not None]
+    procs = [p for p in (lab.consul, lab.etcd, lab.kube, lab.controller_manager, lab.dns, lab.istiod) if p]
     vm_pids = [Path(lab.state_dir) / "vms" / h.name / "launcher.pid" for h in lab.hosts]
     pod_pids = [pid for p in lab.pods for pid in (p.sidecar_pid, p.app_pid)]
     return (
-        len(procs) == 5
+        len(procs) == 6
         and all(alive(p.pid) for p in procs)
         and all(p.exists() and alive(int(p.read_text())) for p in vm_pids)
         and all(pid is not None and alive(pid) for pid in pod_pids)
@@ -307,6 +311,8 @@ def _up(
         kube.install_cluster_objects(kubeconfig, lab_bootstrap(lab.consul), built.istio.crds)
         manager = kube.start_controller_manager(built.kube_controller_manager.path, state_dir)
         lab.controller_manager = ControllerManagerInfo(version=built.kube_controller_manager.version, **manager)
+        lab.save()
+        lab.dns = ClusterDnsInfo(version=built.coredns.version, **dns.start(built.coredns.path, state_dir, kubeconfig))
         lab.save()
         control_plane = istiod.start(built.istio, state_dir, kubeconfig)
         lab.istiod = IstiodInfo(
@@ -443,6 +449,7 @@ def down(*, state_dir: Path = DEFAULT_STATE_DIR) -> bool:
         list(pool.map(lambda p: attempt(f"pod {p.name}", functools.partial(pods.remove, p)), lab.pods))
     for name, proc in (
         ("istiod", lab.istiod),
+        ("CoreDNS", lab.dns),
         ("kube-controller-manager", lab.controller_manager),
         ("kube-apiserver", lab.kube),
         ("etcd", lab.etcd),
@@ -463,7 +470,7 @@ def down(*, state_dir: Path = DEFAULT_STATE_DIR) -> bool:
         )
     shutil.rmtree(state_dir)
     log.info(
-        "lab down: removed %d VMs, %d pods, istiod, Consul, etcd, kube-apiserver and %s",
+        "lab down: removed %d VMs, %d pods, istiod, CoreDNS, Consul, etcd, kube-apiserver and %s",
         len(lab.hosts),
         len(lab.pods),
         network.BRIDGE,
@@ -489,6 +496,11 @@ def status(*, state_dir: Path = DEFAULT_STATE_DIR) -> list[PeerStatus]:
     def state_of(pid: int) -> str:
         return "running" if alive(pid) else "stopped"
 
+    def serving(pid: int, ready_url: str) -> str:
+        if not alive(pid):
+            return "stopped"
+        return "running" if http_ok(ready_url)() else "not ready"
+
     if lab.consul:
         rows.append(
             PeerStatus("consul", lab.consul.version, f"http://{lab.consul.http_addr}", state_of(lab.consul.pid))
@@ -508,15 +520,25 @@ def status(*, state_dir: Path = DEFAULT_STATE_DIR) -> list[PeerStatus]:
                 f"controllers: {', '.join(manager.controllers)}",
             )
         )
+    if lab.dns:
+        cluster_dns = lab.dns
+        rows.append(
+            PeerStatus(
+                "coredns",
+                cluster_dns.version,
+                f"dns://{cluster_dns.address}",
+                serving(cluster_dns.pid, f"http://{cluster_dns.ready_addr}/ready"),
+                "the cluster DNS: cluster.local from the API server",
+            )
+        )
     if lab.istiod:
         control = lab.istiod
-        ready = state_of(control.pid) == "running" and http_ok(f"http://{control.http_addr}/ready")()
         rows.append(
             PeerStatus(
                 "istiod",
                 control.version,
                 f"grpcs://{control.xds_addr}",
-                "running" if ready else ("not ready" if alive(control.pid) else "stopped"),
+                serving(control.pid, f"http://{control.http_addr}/ready"),
                 f"xDS and CA; debug http://{control.http_addr}",
             )
         )

@@ -235,11 +235,14 @@ def write_files(pod: Pod, *, token: str, root_cert: str, bootstrap_template: Pat
     atomic_write(root / "etc/istio/pod/annotations", "", mode=0o644)
     etc = resolver_dir(pod)
     atomic_write(etc / "hosts", hosts_file, mode=0o644)
-    # The cluster has no DNS server: Istio's DNS proxy (where the pod's DNS capture sends port 53) answers every
-    # cluster name itself, and forwards the rest here, to the pod's own loopback, where nothing listens: a miss is
-    # refused at once (ICMP on loopback is not rate-limited, as it is on the bridge, where misses waited 5 s).
+    # The cluster DNS (CoreDNS on the bridge), as a kubelet's --cluster-dns. The pod's DNS capture sends port 53 to
+    # Istio's DNS proxy first, which answers the names istiod told it and asks CoreDNS for the rest.
     search = f"{pod.namespace}.svc.cluster.local svc.cluster.local cluster.local"
-    atomic_write(etc / "resolv.conf", f"nameserver 127.0.0.1\nsearch {search}\noptions ndots:5\n", mode=0o644)
+    atomic_write(
+        etc / "resolv.conf",
+        f"nameserver {network.BRIDGE_ADDRESS}\nsearch {search}\noptions ndots:5\n",
+        mode=0o644,
+    )
 
 
 def resolver_dir(pod: Pod) -> Path:

@@ -51,6 +51,12 @@ class ControllerManagerInfo(Process):
     controllers: list[str]
 
 
+class ClusterDnsInfo(Process):
+    version: str
+    address: str  # <bridge>:53, the pods' nameserver
+    ready_addr: str  # 127.0.0.1:<port>/ready
+
+
 class IstiodInfo(Process):
     version: str
     http_addr: str  # 127.0.0.1:<port>: /ready and the debug endpoints
@@ -95,6 +101,7 @@ class LabState(BaseModel):
     etcd: EtcdInfo | None = None
     kube: KubeInfo | None = None
     controller_manager: ControllerManagerInfo | None = None
+    dns: ClusterDnsInfo | None = None
     istiod: IstiodInfo | None = None
     envoy: EnvoyInfo | None = None
     hosts: list[Host] = []

@@ -198,6 +198,20 @@ def test_caller_without_a_sidecar_is_refused_under_strict(lab: LabState, strict:
     assert curl(lab, lab.pods[0].name, f"http://{pods.service_host(callee)}/")[0] == 200
 
 
+def test_cluster_dns_answers_what_istio_dns_proxy_does_not(lab: LabState, kube: Any) -> None:
+    """Forward names come from Istio's DNS proxy; the rest (reverse lookups, names that do not exist) from CoreDNS."""
+    callee = lab.pods[1]
+    cluster_ip = k8s.CoreV1Api(kube).read_namespaced_service(callee.name, callee.namespace).spec.cluster_ip
+    forward = in_pod(lab, lab.pods[0].name, "getent", "hosts", pods.service_host(callee))
+    assert forward.stdout.split() == [cluster_ip, pods.service_host(callee)]
+    reverse = in_pod(lab, lab.pods[0].name, "getent", "hosts", cluster_ip)
+    assert reverse.stdout.split() == [cluster_ip, pods.service_host(callee)]
+    started = time.monotonic()
+    missing = in_pod(lab, lab.pods[0].name, "getent", "ahosts", f"no-such-service.{pods.NAMESPACE}.svc.cluster.local")
+    assert missing.returncode == 2  # not found: NXDOMAIN, not a timeout
+    assert time.monotonic() - started < 2
+
+
 def test_grpc_health_through_both_sidecars(lab: LabState) -> None:
     caller, callee = lab.pods[0], lab.pods[1]
     script = (

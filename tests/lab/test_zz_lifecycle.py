@@ -19,7 +19,7 @@ pytestmark = pytest.mark.lab
 
 def _pids(state: LabState | None) -> list[int]:
     assert state is not None
-    peers = [state.consul, state.etcd, state.kube, state.controller_manager, state.istiod]
+    peers = [state.consul, state.etcd, state.kube, state.controller_manager, state.dns, state.istiod]
     assert all(peer is not None for peer in peers)
     vm_pids = [int((Path(state.state_dir) / "vms" / h.name / "launcher.pid").read_text()) for h in state.hosts]
     pod_pids = [pid for p in state.pods for pid in (p.sidecar_pid, p.app_pid) if pid is not None]

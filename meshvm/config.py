@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from meshvm.errors import ConfigError
-from meshvm.values import Duration, IPAddress, LoopbackAddress, Name, Port
+from meshvm.values import Destination, Duration, IPAddress, KubeRef, LoopbackAddress, Name, Port, is_kubernetes
 
 Protocol = Literal["http", "http2", "grpc", "tcp"]
 HTTP_PROTOCOLS: frozenset[str] = frozenset({"http", "http2", "grpc"})
@@ -45,11 +45,40 @@ class CheckSpec(Strict):
 
 
 class UpstreamSpec(Strict):
-    """A service this one calls: Envoy listens on 127.0.0.1:local_port and forwards over mTLS."""
+    """A service this one calls: Envoy listens on 127.0.0.1:local_port and forwards over mTLS.
 
-    service: Name
+    ``service`` is a Consul service name, or ``k8s:<namespace>/<service>`` for a Service of the cluster's Istio mesh
+    (its endpoints come from istiod; the call uses the VM's Istio identity and checks the callee's).
+    """
+
+    service: Destination
     local_port: Port
-    protocol: Protocol | None = Field(None, description="default: the protocol the destination registered, else tcp")
+    protocol: Protocol | None = Field(
+        None, description="default: the protocol the destination registered (Consul), else tcp; http for k8s:"
+    )
+    port: Port | None = Field(None, description="k8s: upstreams: the Kubernetes Service port to call")
+    service_accounts: tuple[Name, ...] = Field(
+        (), description="k8s: upstreams: the ServiceAccounts the callee may run as (default: the service's name)"
+    )
+
+    @model_validator(mode="after")
+    def _kubernetes_fields(self) -> Self:
+        if is_kubernetes(self.service):
+            if self.port is None:
+                raise ValueError(f"upstream {self.service}: give the Kubernetes Service port (port: 80)")
+        elif self.port is not None or self.service_accounts:
+            raise ValueError(f"upstream {self.service}: port and service_accounts are for k8s: upstreams only")
+        return self
+
+    @property
+    def kubernetes(self) -> KubeRef | None:
+        return KubeRef.parse(self.service) if is_kubernetes(self.service) else None
+
+    def callee_accounts(self) -> list[str]:
+        ref = self.kubernetes
+        if ref is None:
+            return []
+        return list(self.service_accounts) or [ref.name]
 
 
 class ServiceSpec(Strict):
@@ -80,6 +109,54 @@ class ServiceSpec(Strict):
         if self.check.type == "grpc" and self.protocol != "grpc":
             raise ValueError("check.type grpc needs protocol grpc")
         return self
+
+
+class IstioSpec(Strict):
+    """Membership in the cluster's Istio mesh: the VM's Istio identity, and where istiod is."""
+
+    namespace: Name = Field(description="the VM workload's namespace in the cluster")
+    service_account: Name = Field(description="its ServiceAccount: spiffe://<trust_domain>/ns/<namespace>/sa/<sa>")
+    trust_domain: str = Field("cluster.local", pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    cluster_domain: str = Field("cluster.local", pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    istiod_address: str = Field(
+        "istiod.istio-system.svc:15012", pattern=r"^[^:/\s]+:\d{1,5}$", description="istiod's CA and xDS, host:port"
+    )
+    istiod_name: str = Field("istiod.istio-system.svc", description="the name istiod's serving certificate carries")
+    cluster_id: str = Field("Kubernetes", min_length=1)
+    network: str = ""
+    root_cert_file: Path = Field(Path("/etc/meshvm/istio/root-cert.pem"), description="istio-ca-root-cert")
+    credentials_dir: Path = Field(
+        Path("/var/lib/meshvm/istio"), description="the VM's key and certificate, and its refresh token"
+    )
+    kube_api: str = Field(pattern=r"^https://[^/\s]+$", description="the API server, for TokenRequest")
+    kube_ca_file: Path = Field(Path("/etc/meshvm/istio/kube-ca.crt"), description="the API server's CA")
+    token_secret: Name = Field(description="the Secret the VM's tokens are bound to (delete it to revoke them)")
+    cert_lifetime: Duration = Field(86400.0, description="requested workload certificate lifetime")
+    token_lifetime: Duration = Field(172800.0, description="lifetime of the refresh token the VM keeps")
+
+    @model_validator(mode="after")
+    def _lifetimes(self) -> Self:
+        if self.cert_lifetime < 60:
+            raise ValueError("cert_lifetime must be at least 1m")
+        if self.token_lifetime < 600:
+            raise ValueError("token_lifetime must be at least 10m (the Kubernetes TokenRequest minimum)")
+        return self
+
+    @property
+    def identity(self) -> str:
+        return f"spiffe://{self.trust_domain}/ns/{self.namespace}/sa/{self.service_account}"
+
+    @property
+    def token_file(self) -> Path:
+        return self.credentials_dir / "token"
+
+    @property
+    def key_file(self) -> Path:
+        return self.credentials_dir / "key.pem"
+
+    @property
+    def cert_file(self) -> Path:
+        return self.credentials_dir / "cert-chain.pem"
 
 
 class ConsulSpec(Strict):
@@ -129,6 +206,7 @@ class AgentConfig(Strict):
     consul: ConsulSpec = ConsulSpec()
     envoy: EnvoySpec = EnvoySpec()
     agent: AgentSpec = AgentSpec()
+    istio: IstioSpec | None = Field(None, description="membership in the cluster's Istio mesh (omit: Consul only)")
     services: list[ServiceSpec] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -156,6 +234,9 @@ class AgentConfig(Strict):
         for service in self.services:
             if service.port in ports and service.address in {"127.0.0.1", self.address, "0.0.0.0"}:
                 raise ValueError(f"services[{service.name}].port {service.port} clashes with {ports[service.port]}")
+        kubernetes = [u.service for s in self.services for u in s.upstreams if u.kubernetes is not None]
+        if kubernetes and self.istio is None:
+            raise ValueError(f"upstream {kubernetes[0]} is in the cluster's mesh: configure istio: to reach it")
         return self
 
     def service(self, name: str) -> ServiceSpec:

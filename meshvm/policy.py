@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from meshvm.config import HTTP_PROTOCOLS, Protocol, format_validation_error, load_yaml
 from meshvm.errors import ConfigError
-from meshvm.values import Duration, Name, Percent
+from meshvm.values import Destination, Duration, Name, Percent, is_kubernetes
 
 POLICY_KEY = "mesh"
 HTTP_RETRY_ON = frozenset(
@@ -179,7 +179,10 @@ class ServicePolicy(Strict):
 
 
 class AuthorizationRule(Strict):
-    source: Name | Literal["*"]
+    """Who may call a VM service. A source is a Consul service, ``k8s:<namespace>/<serviceaccount>`` (a workload of
+    the cluster's Istio mesh, by its identity), or ``*`` (any caller either mesh authenticates)."""
+
+    source: Destination | Literal["*"]
     destination: Name | Literal["*"]
     action: Literal["allow", "deny"]
 
@@ -207,7 +210,18 @@ class Authorization(Strict):
 class MeshPolicy(Strict):
     version: Literal[1] = 1
     authorization: Authorization = Authorization()
-    services: dict[Name, ServicePolicy] = {}
+    services: dict[Destination, ServicePolicy] = {}
+
+    @model_validator(mode="after")
+    def _kubernetes_destinations(self) -> Self:
+        """Calls to the cluster's Services are shaped by the caller's Envoy; what only the callee could do (its
+        subsets by Consul tags, its inbound rate limit) is the cluster mesh's own business."""
+        for name, service in self.services.items():
+            if is_kubernetes(name):
+                for field in ("subsets", "rate_limit"):
+                    if getattr(service, field):
+                        raise ValueError(f"services[{name}].{field}: not for a Kubernetes destination")
+        return self
 
     def for_service(self, name: str) -> ServicePolicy:
         return self.services.get(name, ServicePolicy())

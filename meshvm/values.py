@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from dataclasses import dataclass
 from typing import Annotated
 
 from pydantic import AfterValidator, BeforeValidator, Field, PlainSerializer
@@ -58,7 +59,44 @@ def _ip(value: str) -> str:
         raise ValueError(f"{value!r} is not an IP address") from exc
 
 
+@dataclass(frozen=True)
+class KubeRef:
+    """``k8s:<namespace>/<name>``: a ServiceAccount (as an authorization source) or a Service (as an upstream) of the
+    cluster's mesh."""
+
+    namespace: str
+    name: str
+
+    @classmethod
+    def parse(cls, value: str) -> KubeRef:
+        body = value.removeprefix(KUBE_PREFIX)
+        namespace, slash, name = body.partition("/")
+        if not value.startswith(KUBE_PREFIX) or not slash or not NAME_RE.match(namespace) or not NAME_RE.match(name):
+            raise ValueError(
+                f"{value!r} is not a Kubernetes name: write k8s:<namespace>/<name>, each a lower-case DNS label"
+            )
+        return cls(namespace, name)
+
+    def __str__(self) -> str:
+        return f"{KUBE_PREFIX}{self.namespace}/{self.name}"
+
+
+KUBE_PREFIX = "k8s:"
+
+
+def is_kubernetes(value: str) -> bool:
+    return value.startswith(KUBE_PREFIX)
+
+
+def _destination(value: str) -> str:
+    if is_kubernetes(value):
+        return str(KubeRef.parse(value))
+    return _name(value)
+
+
 Name = Annotated[str, AfterValidator(_name)]
+# A Consul service name, or k8s:<namespace>/<name> in the cluster's mesh.
+Destination = Annotated[str, AfterValidator(_destination)]
 Duration = Annotated[float, BeforeValidator(_duration), PlainSerializer(lambda s: f"{s:g}s", return_type=str)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 IPAddress = Annotated[str, AfterValidator(_ip)]

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import copy
+import ipaddress
 import json
 from typing import Any
 
 from meshvm.config import AgentConfig
 from meshvm.envoy import types as t
-from meshvm.envoy.resources import Layout, Resources
+from meshvm.envoy.resources import ISTIO_LEAF, ISTIO_ROOTS, ISTIOD_CLUSTER, Layout, Resources, sds_ref
 from meshvm.envoy.types import JSON
 from meshvm.fsutil import atomic_write
 
@@ -64,18 +65,96 @@ def _prometheus(config: AgentConfig) -> tuple[list[JSON], list[JSON]]:
     return [listener], [cluster]
 
 
+def _node(config: AgentConfig) -> JSON:
+    """Envoy's node. In the cluster's Istio mesh, istiod knows it as a sidecar of the VM's workload: the id and
+    metadata its xDS server reads (namespace and ServiceAccount must match the VM's Istio certificate)."""
+    services = [s.name for s in config.services]
+    istio = config.istio
+    if istio is None:
+        return {"id": config.node, "cluster": services[0], "metadata": {"meshvm_services": services}}
+    return {
+        "id": f"sidecar~{config.address}~{config.node}.{istio.namespace}~{istio.namespace}.svc.{istio.cluster_domain}",
+        "cluster": f"{istio.service_account}.{istio.namespace}",
+        "metadata": {
+            "meshvm_services": services,
+            "NAMESPACE": istio.namespace,
+            "SERVICE_ACCOUNT": istio.service_account,
+            "CLUSTER_ID": istio.cluster_id,
+            "NETWORK": istio.network,
+            "MESH_ID": istio.trust_domain,
+            "INSTANCE_IPS": config.address,
+            "WORKLOAD_NAME": config.node,
+            "LABELS": {"app": services[0]},
+            "ISTIO_VERSION": "meshvm",
+        },
+    }
+
+
+def _istiod(config: AgentConfig, layout: Layout) -> tuple[list[JSON], JSON]:
+    """The static ``istiod`` cluster (mTLS with the VM's Istio certificate, istiod verified by its name under
+    Istio's root) and ADS through it: Envoy asks it only for the endpoints of the ``k8s:`` upstreams' clusters."""
+    istio = config.istio
+    if istio is None:
+        return [], {}
+    host, port = istio.istiod_address.rsplit(":", 1)
+    try:
+        ipaddress.ip_address(host)
+        discovery = "STATIC"
+    except ValueError:
+        discovery = "STRICT_DNS"
+    common: JSON = {
+        "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
+        "alpn_protocols": ["h2"],
+        "tls_certificate_sds_secret_configs": [
+            {"name": ISTIO_LEAF, "sds_config": t.file_source(layout.sds(ISTIO_LEAF))}
+        ],
+        "combined_validation_context": {
+            "default_validation_context": {
+                "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": istio.istiod_name}}]
+            },
+            "validation_context_sds_secret_config": sds_ref(layout, ISTIO_ROOTS),
+        },
+    }
+    cluster = {
+        "name": ISTIOD_CLUSTER,
+        "type": discovery,
+        "connect_timeout": "5s",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": t.HTTP_PROTOCOL_OPTIONS,
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+        "load_assignment": {
+            "cluster_name": ISTIOD_CLUSTER,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": t.socket_address(host, int(port))}}]}],
+        },
+        "transport_socket": {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {"@type": t.UPSTREAM_TLS, "sni": istio.istiod_name, "common_tls_context": common},
+        },
+    }
+    ads = {
+        "api_type": "GRPC",
+        "transport_api_version": "V3",
+        "set_node_on_first_message_only": True,
+        "grpc_services": [{"envoy_grpc": {"cluster_name": ISTIOD_CLUSTER}}],
+    }
+    return [cluster], ads
+
+
 def bootstrap(config: AgentConfig) -> JSON:
     layout = Layout(config.envoy.config_dir)
     listeners, clusters = _prometheus(config)
+    istiod_clusters, ads = _istiod(config, layout)
+    dynamic: JSON = {"lds_config": t.file_source(layout.lds), "cds_config": t.file_source(layout.cds)}
+    if ads:
+        dynamic["ads_config"] = ads
     return {
-        "node": {
-            "id": config.node,
-            "cluster": config.services[0].name,
-            "metadata": {"meshvm_services": [s.name for s in config.services]},
-        },
+        "node": _node(config),
         "admin": {"address": t.socket_address(config.envoy.admin_address, config.envoy.admin_port)},
-        "dynamic_resources": {"lds_config": t.file_source(layout.lds), "cds_config": t.file_source(layout.cds)},
-        "static_resources": {"listeners": listeners, "clusters": clusters},
+        "dynamic_resources": dynamic,
+        "static_resources": {"listeners": listeners, "clusters": clusters + istiod_clusters},
         "layered_runtime": {
             "layers": [
                 {
@@ -89,9 +168,13 @@ def bootstrap(config: AgentConfig) -> JSON:
 
 
 def initial_files(config: AgentConfig) -> None:
-    """Empty listener and cluster files, so Envoy starts (and validates) before the agent's first render."""
+    """Empty listener and cluster files (and, in the Istio mesh, the Istio secrets' files the bootstrap names), so
+    Envoy starts (and validates) before the agent's first render."""
     layout = Layout(config.envoy.config_dir)
-    for path in (layout.lds, layout.cds):
+    paths = [layout.lds, layout.cds]
+    if config.istio is not None:
+        paths += [layout.sds(ISTIO_LEAF), layout.sds(ISTIO_ROOTS)]
+    for path in paths:
         if not path.exists():
             atomic_write(path, json.dumps({"version_info": "0", "resources": []}) + "\n", mode=0o640)
 
@@ -121,6 +204,7 @@ def static_equivalent(config: AgentConfig, resources: Resources) -> JSON:
     """
     boot = bootstrap(config)
     del boot["dynamic_resources"]
+    boot["static_resources"]["clusters"] = _strip_sds(boot["static_resources"]["clusters"])
     listeners = []
     for listener in _strip_sds(copy.deepcopy(resources.listeners)):
         for chain in listener["filter_chains"]:
@@ -134,9 +218,10 @@ def static_equivalent(config: AgentConfig, resources: Resources) -> JSON:
         if cluster.get("type") == "EDS":
             cluster["type"] = "STATIC"
             del cluster["eds_cluster_config"]
-            cluster["load_assignment"] = resources.endpoints[cluster["name"]]
+            # Endpoints of a k8s: upstream come from istiod at run time, not from a file.
+            cluster["load_assignment"] = resources.endpoints.get(cluster["name"], {"cluster_name": cluster["name"]})
         clusters.append(cluster)
     boot["static_resources"]["listeners"] += listeners
     boot["static_resources"]["clusters"] += clusters
-    boot["static_resources"]["secrets"] = list(resources.secrets.values())
+    boot["static_resources"]["secrets"] = [s for s in resources.secrets.values() if s is not None]
     return boot

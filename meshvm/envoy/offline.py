@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from meshvm import pki
 from meshvm.config import AgentConfig
 from meshvm.envoy.bootstrap import static_equivalent
@@ -19,7 +21,18 @@ def placeholder_snapshot(config: AgentConfig, policy: MeshPolicy) -> Snapshot:
     for service in config.services:
         pair = pki.issue(ca, service.name, uris=(pki.spiffe_id(PLACEHOLDER_TRUST_DOMAIN, service.name),))
         leaves[service.name] = Leaf(service=service.name, cert_pem=pair.cert_pem, key_pem=pair.key_pem)
-    return Snapshot(config=config, policy=policy, roots=Roots(PLACEHOLDER_TRUST_DOMAIN, (ca.cert_pem,)), leaves=leaves)
+    snapshot = Snapshot(
+        config=config, policy=policy, roots=Roots(PLACEHOLDER_TRUST_DOMAIN, (ca.cert_pem,)), leaves=leaves
+    )
+    if config.istio is None:
+        return snapshot
+    istio_ca = pki.new_ca("meshvm placeholder Istio CA")
+    pair = pki.issue(istio_ca, config.istio.service_account, uris=(config.istio.identity,))
+    return replace(
+        snapshot,
+        istio_leaf=Leaf(service="istio", cert_pem=pair.cert_pem, key_pem=pair.key_pem),
+        istio_roots=Roots(config.istio.trust_domain, (istio_ca.cert_pem,)),
+    )
 
 
 def render_offline(config: AgentConfig, policy: MeshPolicy, *, static: bool = True) -> JSON:

@@ -7,6 +7,15 @@ Naming (names never contain '/', so each is also a safe file name):
 * ``outbound.<svc>.<upstream>`` — listener on 127.0.0.1 for the application, routes ``out.<svc>.<upstream>``,
   clusters ``out.<svc>.<upstream>`` (every healthy instance) and ``out.<svc>.<upstream>.<subset>``.
 * secrets ``leaf.<svc>`` (certificate + key) and ``roots`` (the mesh CA).
+
+With the cluster's Istio mesh configured (``istio:``) and the VM's Istio certificate in hand:
+
+* each inbound listener gains a second filter chain, chosen by the ALPN Istio's sidecars send (``istio``…), that
+  presents the VM's Istio certificate (``istio.leaf``) and verifies callers against Istio's root (``istio.roots``);
+  both chains share the routes, so one authorization rule set covers Consul services and Kubernetes identities;
+* an upstream ``k8s:<ns>/<svc>`` becomes a cluster whose endpoints come from istiod over ADS (the bootstrap's
+  ``istiod`` cluster), dialled as an Istio sidecar does: SNI ``outbound_.<port>_._.<host>``, ALPN ``istio``, the
+  VM's Istio certificate, and the callee's ServiceAccount identities checked.
 """
 
 from __future__ import annotations
@@ -32,8 +41,14 @@ from meshvm.policy import (
     ServicePolicy,
     Subset,
 )
+from meshvm.values import KubeRef, is_kubernetes
 
 ROOTS = "roots"
+ISTIO_LEAF = "istio.leaf"
+ISTIO_ROOTS = "istio.roots"
+ISTIOD_CLUSTER = "istiod"  # static, in the bootstrap: xDS (EDS only) and nothing else
+# What an Istio sidecar offers when it dials another over ISTIO_MUTUAL (with or without metadata exchange).
+ISTIO_ALPNS = ("istio", "istio-peer-exchange", "istio-http/1.0", "istio-http/1.1", "istio-h2")
 # Without a retry policy, still retry what never reached the application (a dead instance not yet known as dead,
 # a stream refused by a draining peer) on another host: safe for any request, as Istio does by default.
 DEFAULT_RETRIES = Retries(attempts=2, retry_on=["connect-failure", "refused-stream"])
@@ -49,7 +64,8 @@ class Resources:
     clusters: list[Any] = field(default_factory=list)
     routes: dict[str, Any] = field(default_factory=dict)
     endpoints: dict[str, Any] = field(default_factory=dict)
-    secrets: dict[str, JSON] = field(default_factory=dict)
+    # None: a secret Envoy's configuration names but that is not here yet (its file holds no resource)
+    secrets: dict[str, JSON | None] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -85,7 +101,7 @@ def leaf_name(service: str) -> str:
     return f"leaf.{service}"
 
 
-def _sds(layout: Layout, name: str) -> JSON:
+def sds_ref(layout: Layout, name: str) -> JSON:
     return {"name": name, "sds_config": t.file_source(layout.sds(name))}
 
 
@@ -122,24 +138,48 @@ def decide(destination: str, rules: list[AuthorizationRule], default: str) -> De
     )
 
 
-def _principal(trust_domain: str, service: str = SPIFFE_ANY_SERVICE) -> JSON:
-    return {"authenticated": {"principal_name": {"safe_regex": {"regex": spiffe_regex(trust_domain, service)}}}}
+@dataclass(frozen=True)
+class TrustDomains:
+    """Whose identities a VM's inbound listeners can authenticate: Consul's, and the cluster's Istio mesh's."""
+
+    consul: str
+    istio: str | None = None
+
+    def principal(self, source: str) -> JSON:
+        """The RBAC principal of one rule source (a Consul service, ``k8s:<ns>/<sa>``, or ``*``)."""
+        if source == "*":
+            ids = [_regex_principal(spiffe_regex(self.consul))]
+            if self.istio is not None:
+                ids.append(_regex_principal(f"^spiffe://{re.escape(self.istio)}/ns/[^/]+/sa/[^/]+$"))
+            return ids[0] if len(ids) == 1 else {"or_ids": {"ids": ids}}
+        if is_kubernetes(source):
+            ref = KubeRef.parse(source)
+            domain = self.istio or DEFAULT_ISTIO_TRUST_DOMAIN
+            return {"authenticated": {"principal_name": {"exact": istio_identity(domain, ref.namespace, ref.name)}}}
+        return _regex_principal(spiffe_regex(self.consul, re.escape(source)))
 
 
-def rbac_rules(decision: Decision, trust_domain: str) -> JSON:
+DEFAULT_ISTIO_TRUST_DOMAIN = "cluster.local"
+
+
+def istio_identity(trust_domain: str, namespace: str, service_account: str) -> str:
+    return f"spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}"
+
+
+def _regex_principal(regex: str) -> JSON:
+    return {"authenticated": {"principal_name": {"safe_regex": {"regex": regex}}}}
+
+
+def rbac_rules(decision: Decision, domains: TrustDomains) -> JSON:
     """An ALLOW rule set; no policy at all means nobody is allowed."""
     if decision.others == "allow":
-        principal = _principal(trust_domain)
+        principal = domains.principal("*")
         if decision.denied:
             principal = {
                 "and_ids": {
                     "ids": [
                         principal,
-                        {
-                            "not_id": {
-                                "or_ids": {"ids": [_principal(trust_domain, re.escape(s)) for s in decision.denied]}
-                            }
-                        },
+                        {"not_id": {"or_ids": {"ids": [domains.principal(s) for s in decision.denied]}}},
                     ]
                 }
             }
@@ -151,7 +191,7 @@ def rbac_rules(decision: Decision, trust_domain: str) -> JSON:
         "policies": {
             "intentions": {
                 "permissions": [{"any": True}],
-                "principals": [_principal(trust_domain, re.escape(s)) for s in decision.allowed],
+                "principals": [domains.principal(s) for s in decision.allowed],
             }
         },
     }
@@ -160,11 +200,11 @@ def rbac_rules(decision: Decision, trust_domain: str) -> JSON:
 # --- inbound -------------------------------------------------------------------------------------------------
 
 
-def _downstream_tls(layout: Layout, service: ServiceSpec) -> JSON:
+def _downstream_tls(layout: Layout, service: ServiceSpec, *, leaf: str, roots: str) -> JSON:
     common: JSON = {
         "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
-        "tls_certificate_sds_secret_configs": [_sds(layout, leaf_name(service.name))],
-        "validation_context_sds_secret_config": _sds(layout, ROOTS),
+        "tls_certificate_sds_secret_configs": [sds_ref(layout, leaf)],
+        "validation_context_sds_secret_config": sds_ref(layout, roots),
     }
     if service.protocol in HTTP_PROTOCOLS:
         common["alpn_protocols"] = ["h2", "http/1.1"]
@@ -293,12 +333,31 @@ def _inbound_listener(
                 },
             },
         ]
-    return {
+    consul_chain = {
+        "filters": filters,
+        "transport_socket": _downstream_tls(layout, service, leaf=leaf_name(service.name), roots=ROOTS),
+    }
+    listener: JSON = {
         "name": f"inbound.{service.name}",
         "address": t.socket_address(config.envoy.bind_address, service.mesh_port),
         "traffic_direction": "INBOUND",
-        "filter_chains": [{"filters": filters, "transport_socket": _downstream_tls(layout, service)}],
+        "filter_chains": [consul_chain],
     }
+    if snapshot.istio_ready():
+        # Istio's sidecars announce themselves by ALPN; everyone else (meshvm's sidecars) gets the Consul chain.
+        listener["listener_filters"] = [
+            {"name": "envoy.filters.listener.tls_inspector", "typed_config": {"@type": t.TLS_INSPECTOR}}
+        ]
+        listener["filter_chains"] = [
+            {
+                "name": "istio",
+                "filter_chain_match": {"transport_protocol": "tls", "application_protocols": list(ISTIO_ALPNS)},
+                "filters": filters,
+                "transport_socket": _downstream_tls(layout, service, leaf=ISTIO_LEAF, roots=ISTIO_ROOTS),
+            },
+            {"name": "consul", **consul_chain},
+        ]
+    return listener
 
 
 # --- outbound ------------------------------------------------------------------------------------------------
@@ -313,15 +372,17 @@ def _subset_instances(instances: tuple[Instance, ...], subset: Subset) -> list[I
     ]
 
 
-def _upstream_cluster(
-    snapshot: Snapshot,
-    layout: Layout,
-    source: ServiceSpec,
-    name: str,
-    destination: str,
-    protocol: str,
-    policy: ServicePolicy,
+def _upstream_tls(sni: str, common: JSON) -> JSON:
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {"@type": t.UPSTREAM_TLS, "sni": sni, "common_tls_context": common},
+    }
+
+
+def _consul_upstream(
+    snapshot: Snapshot, layout: Layout, source: ServiceSpec, name: str, destination: str, *, h2: bool
 ) -> JSON:
+    """A Consul destination: endpoints from the agent's EDS file, its SPIFFE ID checked against Consul's roots."""
     if snapshot.roots is None:
         raise ValueError("CA roots are needed to verify upstream identities")
     validation = {
@@ -334,26 +395,69 @@ def _upstream_cluster(
     }
     common: JSON = {
         "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
-        "tls_certificate_sds_secret_configs": [_sds(layout, leaf_name(source.name))],
+        "tls_certificate_sds_secret_configs": [sds_ref(layout, leaf_name(source.name))],
         "combined_validation_context": {
             "default_validation_context": validation,
-            "validation_context_sds_secret_config": _sds(layout, ROOTS),
+            "validation_context_sds_secret_config": sds_ref(layout, ROOTS),
         },
     }
-    cluster: JSON = {
+    if h2:
+        common["alpn_protocols"] = ["h2"]
+    return {
         "name": name,
         "type": "EDS",
         "eds_cluster_config": {"service_name": name, "eds_config": t.file_source(layout.eds(name))},
-        "connect_timeout": t.duration(policy.connect_timeout or snapshot.config.envoy.connect_timeout),
-        "lb_policy": "ROUND_ROBIN",
-        "transport_socket": {
-            "name": "envoy.transport_sockets.tls",
-            "typed_config": {"@type": t.UPSTREAM_TLS, "sni": destination, "common_tls_context": common},
-        },
+        "transport_socket": _upstream_tls(destination, common),
     }
-    if protocol in HTTP_PROTOCOLS:
-        # Sidecar to sidecar is always HTTP/2 over mTLS: one multiplexed connection, whatever the app speaks.
-        common["alpn_protocols"] = ["h2"]
+
+
+def kube_host(ref: KubeRef, cluster_domain: str) -> str:
+    return f"{ref.name}.{ref.namespace}.svc.{cluster_domain}"
+
+
+def istio_cluster_name(ref: KubeRef, port: int, cluster_domain: str) -> str:
+    """The name istiod gives a Service port's endpoints (what the cluster asks istiod's EDS for)."""
+    return f"outbound|{port}||{kube_host(ref, cluster_domain)}"
+
+
+def _istio_upstream(snapshot: Snapshot, layout: Layout, name: str, upstream: UpstreamSpec, protocol: str) -> JSON:
+    """A Service of the cluster's mesh, dialled as an Istio sidecar dials it: endpoints from istiod (EDS over ADS),
+    SNI ``outbound_.<port>_._.<host>``, ALPN ``istio`` (and ``h2`` for HTTP/2), the VM's Istio certificate, and the
+    callee checked to be one of the Service's ServiceAccounts under Istio's root."""
+    istio = snapshot.config.istio
+    ref = upstream.kubernetes
+    if istio is None or ref is None or upstream.port is None:
+        raise ValueError(f"{upstream.service} is not a Kubernetes upstream of a VM in the Istio mesh")
+    host = kube_host(ref, istio.cluster_domain)
+    names = [
+        {"san_type": "URI", "matcher": {"exact": istio_identity(istio.trust_domain, ref.namespace, account)}}
+        for account in upstream.callee_accounts()
+    ]
+    common: JSON = {
+        "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
+        "tls_certificate_sds_secret_configs": [sds_ref(layout, ISTIO_LEAF)],
+        "combined_validation_context": {
+            "default_validation_context": {"match_typed_subject_alt_names": names},
+            "validation_context_sds_secret_config": sds_ref(layout, ISTIO_ROOTS),
+        },
+        "alpn_protocols": ["istio", "h2"] if protocol in {"http2", "grpc"} else ["istio"],
+    }
+    return {
+        "name": name,
+        "type": "EDS",
+        "eds_cluster_config": {
+            "service_name": istio_cluster_name(ref, upstream.port, istio.cluster_domain),
+            "eds_config": {"ads": {}, "resource_api_version": "V3"},
+        },
+        "transport_socket": _upstream_tls(f"outbound_.{upstream.port}_._.{host}", common),
+    }
+
+
+def _with_policy(cluster: JSON, snapshot: Snapshot, policy: ServicePolicy, h2: bool) -> JSON:
+    """Connect timeout, load balancing, HTTP/2, circuit breakers and outlier detection: the same for any upstream."""
+    cluster["connect_timeout"] = t.duration(policy.connect_timeout or snapshot.config.envoy.connect_timeout)
+    cluster["lb_policy"] = "ROUND_ROBIN"
+    if h2:
         cluster["typed_extension_protocol_options"] = {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                 "@type": t.HTTP_PROTOCOL_OPTIONS,
@@ -466,6 +570,12 @@ def _fault(policy: ServicePolicy) -> JSON | None:
     return fault
 
 
+def destination_key(destination: str) -> str:
+    """A destination as it appears in resource names: ``api``, or ``k8s.<ns>.<svc>`` (names never hold '/')."""
+    ref = KubeRef.parse(destination) if is_kubernetes(destination) else None
+    return f"k8s.{ref.namespace}.{ref.name}" if ref else destination
+
+
 def _outbound(snapshot: Snapshot, layout: Layout, source: ServiceSpec, upstream: UpstreamSpec) -> Resources:
     """Listener, route, clusters and endpoints through which ``source`` calls one upstream."""
     config = snapshot.config
@@ -473,15 +583,23 @@ def _outbound(snapshot: Snapshot, layout: Layout, source: ServiceSpec, upstream:
     destination = upstream.service
     protocol = snapshot.upstream_protocol(source.name, destination)
     policy = snapshot.policy.for_service(destination)
-    base = f"out.{source.name}.{destination}"
-    instances = snapshot.upstreams.get(destination, ())
-    clusters = {base: list(instances)}
-    for subset_name, subset in sorted(policy.subsets.items()):
-        clusters[f"{base}.{subset_name}"] = _subset_instances(instances, subset)
-    for name, members in clusters.items():
-        resources.clusters.append(_upstream_cluster(snapshot, layout, source, name, destination, protocol, policy))
-        resources.endpoints[name] = _load_assignment(name, members)
-    stat = f"outbound_{source.name}_{destination}"
+    key = destination_key(destination)
+    base = f"out.{source.name}.{key}"
+    # Sidecar to sidecar over Consul's mesh is HTTP/2 whatever the app speaks; Istio's inbound expects HTTP/1.1 on
+    # an HTTP port, as its own sidecars send.
+    if upstream.kubernetes is not None:
+        cluster = _istio_upstream(snapshot, layout, base, upstream, protocol)
+        resources.clusters.append(_with_policy(cluster, snapshot, policy, protocol in {"http2", "grpc"}))
+    else:
+        instances = snapshot.upstreams.get(destination, ())
+        clusters = {base: list(instances)}
+        for subset_name, subset in sorted(policy.subsets.items()):
+            clusters[f"{base}.{subset_name}"] = _subset_instances(instances, subset)
+        for name, members in clusters.items():
+            cluster = _consul_upstream(snapshot, layout, source, name, destination, h2=protocol in HTTP_PROTOCOLS)
+            resources.clusters.append(_with_policy(cluster, snapshot, policy, protocol in HTTP_PROTOCOLS))
+            resources.endpoints[name] = _load_assignment(name, members)
+    stat = f"outbound_{source.name}_{key}"
     if protocol in HTTP_PROTOCOLS:
         envoy_routes = [
             {"match": _route_match(r.match), "route": _route_action(policy, _targets(base, r), protocol)}
@@ -491,7 +609,7 @@ def _outbound(snapshot: Snapshot, layout: Layout, source: ServiceSpec, upstream:
             envoy_routes.append(
                 {"match": {"prefix": "/"}, "route": _route_action(policy, _targets(base, None), protocol)}
             )
-        virtual_host: JSON = {"name": destination, "domains": ["*"], "routes": envoy_routes}
+        virtual_host: JSON = {"name": key, "domains": ["*"], "routes": envoy_routes}
         fault = _fault(policy)
         if fault is not None:
             virtual_host["typed_per_filter_config"] = {"envoy.filters.http.fault": fault}
@@ -571,6 +689,30 @@ def _frozen(part: Resources) -> Resources:
     )
 
 
+def istio_secrets(snapshot: Snapshot) -> dict[str, JSON | None]:
+    """The VM's Istio certificate and Istio's root, as SDS secrets; None for each while they are not here yet (the
+    bootstrap's istiod cluster names their files, which must exist for Envoy to start)."""
+    if snapshot.istio_leaf is None or snapshot.istio_roots is None:
+        return {ISTIO_LEAF: None, ISTIO_ROOTS: None}
+    return {
+        ISTIO_LEAF: {
+            "name": ISTIO_LEAF,
+            "tls_certificate": {
+                "certificate_chain": {"inline_string": snapshot.istio_leaf.cert_pem},
+                "private_key": {"inline_string": snapshot.istio_leaf.key_pem},
+            },
+        },
+        ISTIO_ROOTS: {
+            "name": ISTIO_ROOTS,
+            "validation_context": {"trusted_ca": {"inline_string": _pem_bundle(snapshot.istio_roots.pems)}},
+        },
+    }
+
+
+def _pem_bundle(pems: tuple[str, ...]) -> str:
+    return "".join(p if p.endswith("\n") else p + "\n" for p in pems)
+
+
 # --- entry point ---------------------------------------------------------------------------------------------
 
 
@@ -587,11 +729,13 @@ def build(snapshot: Snapshot, layout: Layout, cache: RenderCache | None = None) 
     resources = Resources()
     resources.secrets[ROOTS] = {
         "name": ROOTS,
-        "validation_context": {
-            "trusted_ca": {"inline_string": "".join(p if p.endswith("\n") else p + "\n" for p in snapshot.roots.pems)}
-        },
+        "validation_context": {"trusted_ca": {"inline_string": _pem_bundle(snapshot.roots.pems)}},
     }
+    if snapshot.config.istio is not None:
+        resources.secrets.update(istio_secrets(snapshot))
     rules = [*snapshot.intentions, *snapshot.policy.authorization.rules]
+    config_istio = snapshot.config.istio
+    domains = TrustDomains(snapshot.roots.trust_domain, config_istio.trust_domain if config_istio else None)
     reused: dict[tuple[object, ...], Resources] = {}
     for service in sorted(snapshot.config.services, key=lambda s: s.name):
         leaf = snapshot.leaves[service.name]
@@ -604,10 +748,12 @@ def build(snapshot: Snapshot, layout: Layout, cache: RenderCache | None = None) 
         }
         decision = decide(service.name, rules, snapshot.policy.authorization.default_action)
         resources.listeners.append(
-            _inbound_listener(snapshot, layout, service, rbac_rules(decision, snapshot.roots.trust_domain), resources)
+            _inbound_listener(snapshot, layout, service, rbac_rules(decision, domains), resources)
         )
         resources.clusters.append(_local_cluster(snapshot, service))
         for upstream in service.upstreams:
+            if upstream.kubernetes is not None and not snapshot.istio_ready():
+                continue  # its cluster needs the VM's Istio certificate (an SDS file Envoy must find)
             destination = upstream.service
             key = (
                 service.name,
@@ -616,6 +762,7 @@ def build(snapshot: Snapshot, layout: Layout, cache: RenderCache | None = None) 
                 snapshot.upstreams.get(destination, ()),
                 cache.service_policy_text(snapshot.policy, destination),
                 snapshot.roots.trust_domain,
+                config_istio,
             )
             part = cache.outbound.get(key)
             if part is None:

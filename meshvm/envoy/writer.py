@@ -72,7 +72,7 @@ class Writer:
         for name, secret in sorted(resources.secrets.items()):
             path = str(layout.sds(name))
             wanted.add(path)
-            written += self._put(path, self._document(t.SECRET, [secret]))
+            written += self._put(path, self._document(t.SECRET, [] if secret is None else [secret]))
         for name, assignment in sorted(resources.endpoints.items()):
             path = str(layout.eds(name))
             wanted.add(path)

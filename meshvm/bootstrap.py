@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from meshvm.config import format_validation_error, load_yaml
 from meshvm.errors import ConfigError, OperationFailedError
+from meshvm.values import Duration
 
 NAME = "meshvm-bootstrap"
 SECRET_KEYS = ("gossip_key", "acl_token")
@@ -28,6 +29,15 @@ class Bootstrap(BaseModel):
     ca_pem: str | None = Field(None, description="Consul's TLS CA, when its RPC/HTTP use TLS")
     gossip_key: SecretStr
     acl_token: SecretStr
+    # The cluster's Istio mesh, as the VMs reach it (needed by `meshvm join --mesh istio`).
+    istiod_address: str | None = Field(None, description="istiod's CA and xDS for the VMs, host:port")
+    istiod_name: str = Field("istiod.istio-system.svc", description="the name in istiod's serving certificate")
+    kube_api: str | None = Field(None, description="the API server as the VMs reach it (TokenRequest), https://…")
+    kube_ca_pem: str | None = Field(None, description="the API server's CA certificate (PEM)")
+    trust_domain: str = "cluster.local"
+    cluster_id: str = "Kubernetes"
+    istio_cert_lifetime: Duration = Field(86400.0, description="workload certificate lifetime the VMs ask for")
+    istio_token_lifetime: Duration = Field(172800.0, description="lifetime of each VM refresh token")
 
     def ansible_vars(self) -> dict[str, Any]:
         """The role variables this material sets (secrets included: pass them only through files, not argv)."""

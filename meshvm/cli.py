@@ -118,6 +118,36 @@ def lab_reset(
     err.print(f"meshvm: reset {', '.join(done)}")
 
 
+@lab_app.command("stop")
+def lab_stop(
+    peer: Annotated[str, typer.Argument(help="The peer to stop: istiod.")],
+    state_dir: StateDir = Path("/var/lib/meshvm-lab"),
+) -> None:
+    """Stop one peer of the lab, to see how the mesh does without it (`meshvm lab start` brings it back)."""
+    from meshvm import lab
+    from meshvm.errors import UsageError
+
+    if peer != "istiod":
+        raise UsageError(f"meshvm lab stop {peer}: only istiod can be stopped and started on its own")
+    lab.stop_istiod(state_dir=state_dir)
+    err.print("meshvm: istiod stopped")
+
+
+@lab_app.command("start")
+def lab_start(
+    peer: Annotated[str, typer.Argument(help="The peer to start again: istiod.")],
+    state_dir: StateDir = Path("/var/lib/meshvm-lab"),
+) -> None:
+    """Start a peer `meshvm lab stop` stopped."""
+    from meshvm import lab
+    from meshvm.errors import UsageError
+
+    if peer != "istiod":
+        raise UsageError(f"meshvm lab start {peer}: only istiod can be stopped and started on its own")
+    started = lab.start_istiod(state_dir=state_dir)
+    err.print(f"meshvm: istiod running (pid {started.pid}, ready)")
+
+
 @lab_app.command("exec", context_settings={"allow_interspersed_args": False}, no_args_is_help=True)
 def lab_exec(
     pod: Annotated[str, typer.Argument(help="A lab pod (pod1, …).")],
@@ -426,13 +456,21 @@ def rbac_cmd(
         err.print(f"applied {applied}")
 
 
-InventoryOpt = Annotated[Path, typer.Option("--inventory", "-i", help="Ansible inventory with a `meshvm` group.")]
+InventoryOpt = Annotated[
+    list[Path],
+    typer.Option(
+        "--inventory",
+        "-i",
+        help="Ansible inventory with a `meshvm` group; repeat to layer several (later ones override), as Ansible does.",
+    ),
+]
 Mesh = Annotated[
     str,
     typer.Option(
         "--mesh",
-        help="kubernetes (Service+EndpointSlice), istio (+WorkloadEntry, "
-        "ServiceEntry) or consul (Consul's catalog sync does the cluster side).",
+        help="istio: the VMs join the cluster's Istio mesh (Istio identity, WorkloadEntry at the mesh port, a "
+        "Service selecting them); kubernetes: a Service + EndpointSlice at the app's plaintext port (needs "
+        "meshvm_kubernetes_plaintext: true per host); consul: Consul's catalog sync does the cluster side.",
     ),
 ]
 ProjectOpt = Annotated[Path | None, typer.Option("--project", help="meshvm checkout with playbooks/ and roles/.")]
@@ -446,7 +484,12 @@ BootstrapOpt = Annotated[
 
 
 def _target(
-    inventory: Path, project: Path | None, namespace: str, mesh: str, kubeconfig: Path | None, context: str | None
+    inventory: list[Path],
+    project: Path | None,
+    namespace: str,
+    mesh: str,
+    kubeconfig: Path | None,
+    context: str | None,
 ) -> Any:
     from meshvm.errors import UsageError
     from meshvm.join import Target
@@ -455,7 +498,7 @@ def _target(
     if mesh not in {"kubernetes", "istio", "consul"}:
         raise UsageError(f"--mesh {mesh!r}: choose kubernetes, istio or consul")
     return Target(
-        inventory=inventory,
+        inventory=tuple(inventory),
         project=project_dir(project),
         namespace=namespace,
         mesh=mesh,  # type: ignore[arg-type]
@@ -475,7 +518,10 @@ def _report_table(title: str, reports: list[Any], *, changes: bool = True) -> bo
     for r in reports:
         result = "[green]ok[/]" if r.ok else f"[red]{r.step}[/]: {r.error}"
         consul = f"{r.consul_passing}/{r.consul_checks} passing" if r.consul_checks else "-"
-        mtls = f"{len(r.identities)}/{len(r.services)} SPIFFE" if r.services else "-"
+        mtls = "\n".join(
+            [f"consul {len(r.identities)}/{len(r.services)}" if r.services else "consul -"]
+            + [f"{uri} until {until}" for uri, until in sorted(r.expiry.items())]
+        )
         table.add_row(
             r.host,
             r.address,
@@ -496,7 +542,7 @@ def join_cmd(
     hosts: Annotated[
         list[str] | None, typer.Argument(help="Hosts to join (default: every host in group meshvm)")
     ] = None,
-    inventory: InventoryOpt = Path("inventories/lab"),
+    inventory: InventoryOpt = [Path("inventories/lab")],  # noqa: B006 - typer needs a literal default
     limit: Annotated[
         str | None,
         typer.Option("--limit", "-l", help="Comma-separated hosts or globs (web-*), added to HOST…", metavar="PATTERN"),
@@ -504,7 +550,7 @@ def join_cmd(
     check: Annotated[
         bool, typer.Option("--check", help="Show what would change (ansible --check --diff); change nothing.")
     ] = False,
-    mesh: Mesh = "kubernetes",
+    mesh: Mesh = "istio",
     namespace: Namespace = "meshvm",
     kubeconfig: Kubeconfig = None,
     context: Context = None,
@@ -531,7 +577,7 @@ def join_cmd(
 @app.command("leave")
 def leave_cmd(
     hosts: Annotated[list[str], typer.Argument(help="Hosts to take out of the mesh.")],
-    inventory: InventoryOpt = Path("inventories/lab"),
+    inventory: InventoryOpt = [Path("inventories/lab")],  # noqa: B006 - typer needs a literal default
     purge: Annotated[bool, typer.Option(help="Also remove binaries, configuration and data.")] = False,
     namespace: Namespace = "meshvm",
     kubeconfig: Kubeconfig = None,
@@ -550,7 +596,7 @@ def leave_cmd(
 
 @app.command("status")
 def status_cmd(
-    inventory: InventoryOpt = Path("inventories/lab"),
+    inventory: InventoryOpt = [Path("inventories/lab")],  # noqa: B006 - typer needs a literal default
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     namespace: Namespace = "meshvm",
     kubeconfig: Kubeconfig = None,
@@ -580,7 +626,7 @@ def status_cmd(
 
 @app.command("prune")
 def prune_cmd(
-    inventory: InventoryOpt = Path("inventories/lab"),
+    inventory: InventoryOpt = [Path("inventories/lab")],  # noqa: B006 - typer needs a literal default
     namespace: Namespace = "meshvm",
     kubeconfig: Kubeconfig = None,
     context: Context = None,
@@ -595,7 +641,7 @@ def prune_cmd(
 
 @app.command("graph")
 def graph_cmd(
-    inventory: InventoryOpt = Path("inventories/lab"),
+    inventory: InventoryOpt = [Path("inventories/lab")],  # noqa: B006 - typer needs a literal default
     output: Annotated[
         Path, typer.Option("--output", "-o", help="Where to write the SVG picture.", metavar="FILE.svg")
     ] = Path("mesh.svg"),
@@ -614,7 +660,7 @@ def graph_cmd(
     if as_json:
         sys.stdout.write(json.dumps(graph.as_json(), indent=2, sort_keys=True) + "\n")
     else:
-        atomic_write(output, svg(graph, title=f"meshvm: {inventory}"), mode=0o644)
+        atomic_write(output, svg(graph, title=f"meshvm: {', '.join(map(str, inventory))}"), mode=0o644)
         err.print(f"wrote {output}: {len(graph.services)} services, {len(graph.edges)} caller/callee pairs")
     for host, why in sorted(graph.unreachable.items()):
         err.print(f"{host}: not drawn: {why}", markup=False)

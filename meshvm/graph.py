@@ -1,7 +1,8 @@
 """Who talks to whom in the mesh, from each VM's Envoy statistics, drawn as an SVG picture.
 
 Every outbound cluster the agent writes is named ``out.<source>.<destination>[.<subset>]`` (names are DNS
-labels, so the dots are unambiguous); its ``upstream_rq_total`` (HTTP, gRPC) or ``upstream_cx_total`` (TCP)
+labels, so the dots are unambiguous; a Service of the cluster's mesh is ``k8s.<namespace>.<service>`` and is
+drawn as ``k8s:<namespace>/<service>``); its ``upstream_rq_total`` (HTTP, gRPC) or ``upstream_cx_total`` (TCP)
 counters say how much ``source`` called ``destination`` since Envoy started.
 """
 
@@ -51,7 +52,10 @@ class Graph:
             parts = cluster.split(".")
             if counter not in COUNTERS or len(parts) < 3:
                 continue
-            edge = self.edges.setdefault((parts[1], parts[2]), Edge(parts[1], parts[2]))
+            source, destination = parts[1], parts[2]
+            if destination == "k8s" and len(parts) >= 5:
+                destination = f"k8s:{parts[3]}/{parts[4]}"
+            edge = self.edges.setdefault((source, destination), Edge(source, destination))
             if counter == "upstream_rq_total":
                 edge.requests += value
             elif counter == "upstream_rq_5xx":
@@ -97,7 +101,8 @@ def collect(hosts: dict[str, InventoryHost]) -> Graph:
 
 def _layers(graph: Graph) -> dict[str, int]:
     """Callers left of the services they call: a node's column is its longest call chain from a pure caller."""
-    layer = dict.fromkeys(graph.services, 0)
+    names = set(graph.services) | {n for edge in graph.edges for n in edge}
+    layer = dict.fromkeys(sorted(names), 0)
     for _ in range(len(layer)):  # at most n relaxations; cycles stop there
         changed = False
         for edge in graph.edges.values():
@@ -115,7 +120,7 @@ def svg(graph: Graph, title: str = "meshvm") -> str:
     box_w, box_h, gap_x, gap_y, margin = 200, 56, 140, 36, 40
     layer = _layers(graph)
     columns: dict[int, list[str]] = {}
-    for name in sorted(graph.services):
+    for name in sorted(layer):
         columns.setdefault(layer[name], []).append(name)
     position: dict[str, tuple[float, float]] = {}
     for col, names in columns.items():
@@ -149,7 +154,8 @@ def svg(graph: Graph, title: str = "meshvm") -> str:
             f'fill="{colour}">{escape(label)}</text>'
         )
     for name, (x, y) in sorted(position.items()):
-        hosts = ", ".join(graph.services[name]) or "outside the inventory"
+        where = "in the cluster" if name.startswith("k8s:") else "outside the inventory"
+        hosts = ", ".join(graph.services.get(name, [])) or where
         parts.append(
             f'<g class="service" data-name="{escape(name)}"><rect x="{x}" y="{y}" width="{box_w}" height="{box_h}" '
             f'rx="8" fill="#eef4fb" stroke="#2c6fb7"/>'

@@ -11,6 +11,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,19 +60,27 @@ def _services(name: str, variables: dict[str, Any]) -> tuple[ServiceSpec, ...]:
         raise ConfigError(format_validation_error(f"inventory host {name}: meshvm_agent_services", exc)) from exc
 
 
-def load(inventory: Path, *, group: str = GROUP) -> dict[str, InventoryHost]:
-    """Hosts of ``group`` (default ``meshvm``) by name. Bad inventory -> ConfigError naming the file."""
-    if not inventory.exists():
-        raise ConfigError(f"inventory {inventory} does not exist", hint="pass -i with an Ansible inventory")
+def load(inventory: Path | Sequence[Path], *, group: str = GROUP) -> dict[str, InventoryHost]:
+    """Hosts of ``group`` (default ``meshvm``) by name, from one inventory or several layered as Ansible layers them
+    (later sources override earlier ones). Bad inventory -> ConfigError naming the file."""
+    sources = [inventory] if isinstance(inventory, Path) else list(inventory)
+    for source in sources:
+        if not source.exists():
+            raise ConfigError(f"inventory {source} does not exist", hint="pass -i with an Ansible inventory")
     binary = shutil.which("ansible-inventory") or str(Path(sys.executable).parent / "ansible-inventory")
     if not Path(binary).exists():
         raise PrerequisiteError("ansible-inventory is not installed", hint="pip install 'meshvm[controller]'")
+    inventory = sources[0]
     done = subprocess.run(
-        [binary, "-i", str(inventory), "--list"], capture_output=True, text=True, check=False, timeout=120
+        [binary, *(a for source in sources for a in ("-i", str(source))), "--list"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
     )
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise ConfigError(f"inventory {inventory}: ansible-inventory failed: {last}")
+        raise ConfigError(f"inventory {', '.join(map(str, sources))}: ansible-inventory failed: {last}")
     data = json.loads(done.stdout)
     names = data.get(group, {}).get("hosts", [])
     if not names:

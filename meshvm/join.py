@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from meshvm import bootstrap as bootstrap_mod
 from meshvm import inventory, playbooks
 from meshvm.errors import MeshvmError, UsageError
 from meshvm.inventory import InventoryHost
+from meshvm.kube import identity as kube_identity
 from meshvm.kube import registration
 from meshvm.remote import Remote
 
@@ -41,9 +43,12 @@ class HostReport:
     consul_passing: int = 0
     consul_checks: int = 0
     envoy: str = "-"
-    identities: list[str] = field(default_factory=list)
+    identities: list[str] = field(default_factory=list)  # Consul services with a mesh certificate in Envoy
+    istio: str = ""  # the Istio identity Envoy presents, and until when ("" when the VM is not in Istio's mesh)
+    expiry: dict[str, str] = field(default_factory=dict)  # identity -> expiry of the certificate Envoy holds
     kubernetes: list[str] = field(default_factory=list)
     changed: int = 0  # tasks the playbook changed on this host (0 on a re-run of a joined host)
+    istio_expected: bool = False
 
     def fail(self, step: str, error: str) -> None:
         self.ok, self.step, self.error = False, step, error
@@ -56,6 +61,7 @@ class HostReport:
             and self.consul_passing == self.consul_checks
             and self.envoy == "LIVE"
             and len(self.identities) == len(self.services)
+            and (bool(self.istio) or not self.istio_expected)
         )
 
 
@@ -63,10 +69,10 @@ class HostReport:
 class Target:
     """Where a join puts things: the cluster side and the playbook side."""
 
-    inventory: Path
+    inventory: tuple[Path, ...]  # layered as Ansible layers several -i (later ones override)
     project: Path
     namespace: str = "meshvm"
-    mesh: registration.Mesh = "kubernetes"
+    mesh: registration.Mesh = "istio"
     kubeconfig: Path | None = None
     context: str | None = None
 
@@ -127,7 +133,10 @@ def observe(host: InventoryHost, consul: Any, report: HostReport) -> None:
     with Remote(host) as remote:
         report.envoy = remote.run("curl", "-s", "--max-time", "3", f"{admin}/ready").out.strip() or "down"
         certs = remote.run("curl", "-s", "--max-time", "3", f"{admin}/certs").out
-    report.identities = [s.name for s in host.services if f"/svc/{s.name}" in certs]
+    report.expiry = envoy_identities(certs)
+    report.identities = [s.name for s in host.services if any(i.endswith(f"/svc/{s.name}") for i in report.expiry)]
+    istio = [i for i in report.expiry if "/sa/" in i]
+    report.istio = f"{istio[0]} until {report.expiry[istio[0]]}" if istio else ""
     checks: list[dict[str, Any]] = []
     if consul is not None:
         _, checks = consul.health.node(host.name)
@@ -139,6 +148,22 @@ def observe(host: InventoryHost, consul: Any, report: HostReport) -> None:
     ]
     report.consul_checks = len(wanted)
     report.consul_passing = sum(c["Status"] == "passing" for c in wanted)
+
+
+def envoy_identities(certs_json: str) -> dict[str, str]:
+    """SPIFFE ID -> expiry of each workload certificate in Envoy's ``/certs`` (Consul's and Istio's)."""
+    try:
+        data = json.loads(certs_json or "{}")
+    except ValueError:
+        return {}
+    found: dict[str, str] = {}
+    for entry in data.get("certificates") or []:
+        for cert in entry.get("cert_chain") or []:
+            for name in cert.get("subject_alt_names") or []:
+                uri = name.get("uri", "")
+                if uri.startswith("spiffe://"):
+                    found[uri] = str(cert.get("expiration_time", ""))
+    return found
 
 
 def _consul_client(material: bootstrap_mod.Bootstrap | None) -> Any:
@@ -174,20 +199,31 @@ def _preflight_all(hosts: dict[str, InventoryHost], reports: dict[str, HostRepor
         list(pool.map(check_host, hosts))
 
 
+def workload(host: InventoryHost) -> registration.VmWorkload:
+    """The VM as the cluster sees it: its ServiceAccount is ``meshvm_service_account``, else its first service."""
+    variables = host.variables
+    return registration.VmWorkload(
+        host.name,
+        host.address,
+        host.services,
+        service_account=str(variables.get("meshvm_service_account") or host.services[0].name),
+        network=str(variables.get("meshvm_network", "")),
+        locality=str(variables.get("meshvm_locality", "")),
+        plaintext=bool(variables.get("meshvm_kubernetes_plaintext", False)),
+    )
+
+
 def _register(
-    target: Target, hosts: dict[str, InventoryHost], names: list[str], reports: dict[str, HostReport]
+    target: Target,
+    hosts: dict[str, InventoryHost],
+    names: list[str],
+    reports: dict[str, HostReport],
+    part: registration.Part,
 ) -> None:
-    workloads = [
-        registration.VmWorkload(
-            n,
-            hosts[n].address,
-            hosts[n].services,
-            service_account=str(hosts[n].variables.get("meshvm_service_account", "default")),
-        )
-        for n in names
-    ]
     try:
-        changes = registration.register(target.api(), workloads, target.namespace, target.mesh)
+        changes = registration.register(
+            target.api(), [workload(hosts[n]) for n in names], target.namespace, target.mesh, part
+        )
     except MeshvmError as exc:
         for name in names:
             reports[name].fail("kubernetes", str(exc))
@@ -196,6 +232,56 @@ def _register(
         for name in names:
             if change.name.endswith(f"-{name}"):
                 reports[name].kubernetes.append(f"{change.kind}/{change.name} {change.action}")
+
+
+@dataclass(frozen=True)
+class IstioMaterial:
+    """What every VM joining the cluster's Istio mesh gets: Istio's root and the API server's CA."""
+
+    root_pem: str
+    kube_ca_pem: str
+    material: bootstrap_mod.Bootstrap
+
+
+def _istio_material(target: Target, material: bootstrap_mod.Bootstrap) -> IstioMaterial | None:
+    """Checked before anything is applied: the bootstrap names istiod and the API server, istiod has a root here."""
+    if target.mesh != "istio":
+        return None
+    _address, _api, kube_ca = kube_identity.require_istio(material, "the bootstrap material")
+    return IstioMaterial(kube_identity.root_certificate(target.api(), target.namespace), kube_ca, material)
+
+
+def _istio_host_vars(
+    target: Target,
+    hosts: dict[str, InventoryHost],
+    names: list[str],
+    istio: IstioMaterial,
+    reports: dict[str, HostReport],
+    *,
+    check: bool,
+) -> dict[str, dict[str, Any]]:
+    """Each VM's istio: settings and first refresh token (its identity objects exist first; not in check mode)."""
+    if not check:
+        _register(target, hosts, names, reports, "identity")
+    api = None if check else target.api()
+    found: dict[str, dict[str, Any]] = {}
+    for name in names:
+        if not reports[name].ok:
+            continue
+        vm = workload(hosts[name])
+        token = ""
+        if api is not None:
+            try:
+                seconds = int(istio.material.istio_token_lifetime)
+                token = kube_identity.first_token(api, target.namespace, vm, seconds)
+            except MeshvmError as exc:
+                reports[name].fail("kubernetes", str(exc))
+                continue
+        found[name] = {
+            "meshvm_agent_istio": kube_identity.settings(istio.material, vm, target.namespace),
+            "meshvm_agent_istio_token": token,
+        }
+    return found
 
 
 def _wait_healthy(
@@ -221,10 +307,11 @@ def _wait_healthy(
             time.sleep(1)
     for name in pending:
         r = reports[name]
+        istio = f", Istio identity {r.istio or 'none yet'}" if r.istio_expected else ""
         r.fail(
             "health",
             f"not healthy after {HEALTH_TIMEOUT:.0f}s: Consul {r.consul_passing}/{r.consul_checks} "
-            f"passing, Envoy {r.envoy}, mesh identities {len(r.identities)}/{len(r.services)}",
+            f"passing, Envoy {r.envoy}, mesh identities {len(r.identities)}/{len(r.services)}{istio}",
         )
 
 
@@ -239,16 +326,27 @@ def join(
     """Preflight, enrol (playbooks), register in Kubernetes, wait for health. Every host gets a report."""
     hosts = inventory.select(inventory.load(target.inventory), names)
     material = load_bootstrap(target, bootstrap_file)
+    registration.check_plaintext([workload(h) for h in hosts.values()], target.mesh)
+    istio = _istio_material(target, material)
     reports = _reports(hosts)
+    for report in reports.values():
+        report.istio_expected = istio is not None
     _preflight_all(hosts, reports, progress)
     ready = [n for n in hosts if reports[n].ok]
+    extravars = material.ansible_vars()
+    host_vars: dict[str, dict[str, Any]] = {}
+    if istio is not None and ready:
+        host_vars = _istio_host_vars(target, hosts, ready, istio, reports, check=check)
+        extravars |= {"meshvm_agent_istio_root_cert": istio.root_pem, "meshvm_agent_istio_kube_ca": istio.kube_ca_pem}
+        ready = [n for n in ready if reports[n].ok]
     if ready:
         run = playbooks.run(
             "enroll.yml",
             inventory=target.inventory,
             project=target.project,
             limit=ready,
-            extravars=material.ansible_vars(),
+            extravars=extravars,
+            host_vars=host_vars,
             check=check,
             on_task=progress,
         )
@@ -258,7 +356,7 @@ def join(
                 reports[name].fail(f"enroll: {outcome.failed_task}", outcome.message)
     enrolled = [n for n in ready if reports[n].ok]
     if enrolled and not check:
-        _register(target, hosts, enrolled, reports)
+        _register(target, hosts, enrolled, reports, "services")
         _wait_healthy(hosts, [n for n in enrolled if reports[n].ok], reports, material, progress)
     return list(reports.values())
 
@@ -310,6 +408,8 @@ def status(target: Target, *, bootstrap_file: Path | None = None) -> dict[str, A
     def one(name: str) -> HostReport:
         report = reports[name]
         report.kubernetes = objects.get(name, [])
+        # A VM registered as a WorkloadEntry is in the cluster's Istio mesh: it must present its Istio identity.
+        report.istio_expected = any(o.startswith("WorkloadEntry/") for o in report.kubernetes)
         try:
             observe(hosts[name], consul, report)
         except MeshvmError as exc:

@@ -6,12 +6,15 @@ import logging
 import os
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from meshvm.errors import ConfigError, PrerequisiteError
+from meshvm.fsutil import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +52,19 @@ class PlaybookRun:
 def run(
     playbook: str,
     *,
-    inventory: Path,
+    inventory: Sequence[Path],
     project: Path,
     limit: list[str],
     extravars: dict[str, Any],
+    host_vars: dict[str, dict[str, Any]] | None = None,
     check: bool = False,
     on_task: Callable[[str, str], None] | None = None,
 ) -> PlaybookRun:
-    """Run ``playbooks/<playbook>`` for ``limit``; ``on_task(host, task)`` reports progress as it happens."""
+    """Run ``playbooks/<playbook>`` for ``limit``; ``on_task(host, task)`` reports progress as it happens.
+
+    ``host_vars`` (host -> variables, secrets among them) reach the play as a second inventory source that
+    overrides the first for those hosts; like the extra vars, it lives only in the private runner directory.
+    """
     try:
         import ansible_runner
     except ImportError as exc:
@@ -94,11 +102,16 @@ def run(
     # The private data dir holds the extra vars (the bootstrap secrets among them): private, and deleted after.
     with tempfile.TemporaryDirectory(prefix="meshvm-runner-") as private:
         Path(private).chmod(0o700)
+        inventories = [str(source.resolve()) for source in inventory]
+        if host_vars:
+            overlay = Path(private) / "meshvm-host-vars.yml"
+            atomic_write(overlay, yaml.safe_dump({"all": {"hosts": host_vars}}), mode=0o600)
+            inventories.append(str(overlay))
         result = ansible_runner.run(
             private_data_dir=private,
             project_dir=str(project),
             playbook=str(project / "playbooks" / playbook),
-            inventory=str(inventory.resolve()),
+            inventory=inventories,
             limit=",".join(limit),
             extravars=extravars,
             envvars=env,

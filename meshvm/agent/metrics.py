@@ -111,6 +111,15 @@ class AgentMetrics:
         self.policy_valid = Gauge("meshvm_policy_valid", "0 while the policy in Consul KV is refused")
         self.endpoints = Gauge("meshvm_upstream_endpoints", "Healthy endpoints per upstream service")
         self.leaf_rotations = Counter("meshvm_leaf_rotations_total", "Leaf certificates received from Consul")
+        self.istio_renewals = Counter(
+            "meshvm_istio_certificate_renewals_total", "Istio certificates from istiod, by the credential used"
+        )
+        self.istio_cert_expiry = Gauge(
+            "meshvm_istio_certificate_expiry_timestamp_seconds", "When the VM's Istio certificate expires"
+        )
+        self.istio_token_expiry = Gauge(
+            "meshvm_istio_token_expiry_timestamp_seconds", "When the VM's Istio refresh token expires"
+        )
 
     def all(self) -> list[Metric]:
         return [
@@ -123,6 +132,9 @@ class AgentMetrics:
             self.policy_valid,
             self.endpoints,
             self.leaf_rotations,
+            self.istio_renewals,
+            self.istio_cert_expiry,
+            self.istio_token_expiry,
         ]
 
     def render(self, extra: str = "") -> str:

@@ -15,6 +15,7 @@ from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from meshvm.agent.istio import IstioIdentity
 from meshvm.agent.metrics import AgentMetrics
 from meshvm.agent.watch import Connection, ConsulReader, watch
 from meshvm.config import AgentConfig
@@ -82,6 +83,7 @@ class Agent:
         self._started = time.monotonic()
         self._server: ThreadingHTTPServer | None = None
         self.metrics.policy_valid.set(1)
+        self.istio = IstioIdentity(config.istio, self._set_istio, self.metrics) if config.istio else None
 
     # --- state updates from watches ------------------------------------------------------------------------
 
@@ -185,6 +187,15 @@ class Agent:
         self.metrics.leaf_rotations.inc(service=leaf.service)
         log.info("leaf certificate for %s: serial %s, valid until %s", leaf.service, leaf.serial, leaf.valid_before)
         self._update(change)
+
+    def _set_istio(self, leaf: Leaf, roots: Roots) -> None:
+        self._update(
+            lambda snapshot: (
+                None
+                if (snapshot.istio_leaf, snapshot.istio_roots) == (leaf, roots)
+                else {"istio_leaf": leaf, "istio_roots": roots}
+            )
+        )
 
     def _set_roots(self, roots: Roots) -> None:
         self._update(lambda snapshot: None if snapshot.roots == roots else {"roots": roots})
@@ -396,7 +407,7 @@ class Agent:
         with self._lock:
             consul_errors = dict(self._watch_health)
         last = self.metrics.last_sync.value()
-        body = {
+        body: dict[str, Any] = {
             "rendered": self._rendered_once,
             "last_sync_age_seconds": round(time.time() - last, 3) if last else None,
             "consul_reachable": not consul_errors,
@@ -404,6 +415,8 @@ class Agent:
             "policy_valid": self.metrics.policy_valid.value() == 1,
             "last_error": self._last_error or None,
         }
+        if self.istio is not None:
+            body["istio"] = self.istio.status()
         # Healthy means Envoy has a configuration from us; Consul being away is degraded, not down.
         return (200 if self._rendered_once else 503), body
 
@@ -444,6 +457,8 @@ class Agent:
         self._watch_thread = threading.Thread(target=self._run_watches, name="watches", daemon=True)
         self._watch_thread.start()
         threading.Thread(target=self._keep_registered, name="registration", daemon=True).start()
+        if self.istio is not None:
+            threading.Thread(target=self.istio.run, args=(self.stop_event,), name="istio", daemon=True).start()
         debounce = self.config.agent.debounce
         while not self.stop_event.is_set():
             if not self._dirty.wait(timeout=1.0):

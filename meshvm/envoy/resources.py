@@ -355,7 +355,9 @@ def _inbound_listener(
                 "filters": filters,
                 "transport_socket": _downstream_tls(layout, service, leaf=ISTIO_LEAF, roots=ISTIO_ROOTS),
             },
-            {"name": "consul", **consul_chain},
+            # Same transport_protocol as the Istio chain: Envoy matches level by level and never falls back to a
+            # less specific level, so a chain without it would be out of reach for every TLS connection.
+            {"name": "consul", "filter_chain_match": {"transport_protocol": "tls"}, **consul_chain},
         ]
     return listener
 

@@ -30,6 +30,22 @@ RULES: list[dict[str, Any]] = [
         "resourceNames": ["meshvm-bootstrap"],
         "verbs": ["get"],
     },
+    # --mesh istio: each VM's identity. Its ServiceAccount, the Role that lets that account mint its own tokens
+    # (granting it needs the right itself, hence serviceaccounts/token), the Secret its tokens are bound to
+    # (created and deleted by name, never read or listed), the first token, and Istio's root to give the VM.
+    {
+        "apiGroups": [""],
+        "resources": ["serviceaccounts"],
+        "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"],
+    },
+    {"apiGroups": [""], "resources": ["serviceaccounts/token"], "verbs": ["create"]},
+    {
+        "apiGroups": ["rbac.authorization.k8s.io"],
+        "resources": ["roles", "rolebindings"],
+        "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"],
+    },
+    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create", "delete"]},
+    {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["istio-ca-root-cert"], "verbs": ["get"]},
 ]
 
 

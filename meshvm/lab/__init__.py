@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from meshvm.lab.lifecycle import down, reset, status, up
+from meshvm.lab.lifecycle import down, reset, start_istiod, status, stop_istiod, up
 from meshvm.lab.state import DEFAULT_STATE_DIR, LabState, load
 
-__all__ = ["DEFAULT_STATE_DIR", "LabState", "down", "load", "reset", "status", "up"]
+__all__ = [
+    "DEFAULT_STATE_DIR",
+    "LabState",
+    "down",
+    "load",
+    "reset",
+    "start_istiod",
+    "status",
+    "stop_istiod",
+    "up",
+]

@@ -172,7 +172,7 @@ def _write_access_files(lab: LabState, known_hosts: list[str], inventory: Path) 
     # and ACL tokens, so it is readable by root only. The management token is here because only it may write the
     # mesh policy in the lab; a real deployment gives policy.yml a token limited to `key_prefix "meshvm/"`.
     lab_vars = {
-        **lab_bootstrap(lab.consul).ansible_vars(),
+        **lab_bootstrap(lab).ansible_vars(),
         "meshvm_policy_consul_http_addr": lab.consul.http_addr,
         "meshvm_policy_consul_token": lab.consul.management_token,
     }
@@ -184,8 +184,12 @@ def _write_access_files(lab: LabState, known_hosts: list[str], inventory: Path) 
     )
 
 
-def lab_bootstrap(consul: ConsulInfo) -> Bootstrap:
-    """What a lab VM needs to join the lab's Consul (stored in the cluster for `meshvm join`)."""
+def lab_bootstrap(lab: LabState) -> Bootstrap:
+    """What a lab VM needs to join the lab's Consul and its cluster's Istio mesh (stored in the cluster for
+    `meshvm join`): istiod's xDS/CA address on the bridge, and the API server with its CA."""
+    consul, kube_info = lab.consul, lab.kube
+    if consul is None or kube_info is None:
+        raise OperationFailedError("the lab's Consul and kube-apiserver must be up before its bootstrap material")
     return Bootstrap.model_validate(
         {
             "datacenter": consul.datacenter,
@@ -193,6 +197,14 @@ def lab_bootstrap(consul: ConsulInfo) -> Bootstrap:
             "consul_http_addr": consul.http_addr,
             "gossip_key": consul.gossip_key,
             "acl_token": consul.vm_token,
+            "istiod_address": f"{network.BRIDGE_ADDRESS}:{istiod.XDS_PORT}",
+            "istiod_name": istiod.HOST,
+            "kube_api": kube_info.server,
+            "kube_ca_pem": Path(kube_info.ca).read_text(),
+            "trust_domain": istiod.TRUST_DOMAIN,
+            # Short on purpose: the lab's tests see certificates renew and tokens replace themselves many times.
+            "istio_cert_lifetime": "10m",
+            "istio_token_lifetime": "10m",
         }
     )
 
@@ -308,7 +320,7 @@ def _up(
         lab.kube = KubeInfo(version=built.kube_apiserver.version, **apiserver)
         lab.save()
         kubeconfig = Path(lab.kube.kubeconfig)
-        kube.install_cluster_objects(kubeconfig, lab_bootstrap(lab.consul), built.istio.crds)
+        kube.install_cluster_objects(kubeconfig, lab_bootstrap(lab), built.istio.crds)
         manager = kube.start_controller_manager(built.kube_controller_manager.path, state_dir)
         lab.controller_manager = ControllerManagerInfo(version=built.kube_controller_manager.version, **manager)
         lab.save()
@@ -422,6 +434,31 @@ def reset(names: list[str], *, state_dir: Path = DEFAULT_STATE_DIR) -> list[str]
     template = artifacts.istio(Path(lab.cache_dir)).bootstrap_template if restarted else None
     _boot(lab, hosts, starting=restarted, template=template)
     return [h.name for h in hosts] + [p.name for p in restarted]
+
+
+def stop_istiod(*, state_dir: Path = DEFAULT_STATE_DIR) -> None:
+    """Stop istiod (to see what the mesh does without its control plane); `start_istiod` brings it back."""
+    require_root("meshvm lab stop istiod")
+    lab = load(state_dir)
+    if lab is None or lab.istiod is None:
+        raise UsageError("no lab with istiod is up", hint="start one with `meshvm lab up`")
+    stop(lab.istiod.pid)
+
+
+def start_istiod(*, state_dir: Path = DEFAULT_STATE_DIR) -> IstiodInfo:
+    """Start the lab's istiod again (a no-op while it runs); it keeps its CA, which lives in the cluster."""
+    require_root("meshvm lab start istiod")
+    lab = load(state_dir)
+    if lab is None or lab.istiod is None or lab.kube is None:
+        raise UsageError("no lab with istiod is up", hint="start one with `meshvm lab up`")
+    if alive(lab.istiod.pid):
+        return lab.istiod
+    started = istiod.start(
+        artifacts.istio(Path(lab.cache_dir), lab.istiod.version), state_dir, Path(lab.kube.kubeconfig)
+    )
+    lab.istiod = lab.istiod.model_copy(update=started)
+    lab.save()
+    return lab.istiod
 
 
 def down(*, state_dir: Path = DEFAULT_STATE_DIR) -> bool:

@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, TypeAdapter
 from pydantic.fields import FieldInfo
 
-from meshvm.config import AgentConfig, AgentSpec, ConsulSpec, EnvoySpec
+from meshvm.config import AgentConfig, AgentSpec, ConsulSpec, EnvoySpec, IstioSpec
 
 REPO = Path(__file__).resolve().parents[2]
 ARGUMENT_SPECS = REPO / "roles" / "meshvm_agent" / "meta" / "argument_specs.yml"
@@ -29,6 +29,8 @@ SECTIONS: dict[str, tuple[str, type[BaseModel], frozenset[str]]] = {
     "meshvm_agent_envoy": ("envoy", EnvoySpec, frozenset()),
     "meshvm_agent_agent": ("agent", AgentSpec, frozenset()),
 }
+# Optional sections: null (the default) leaves them out of agent.yaml; set, their required fields are required.
+OPTIONAL_SECTIONS: dict[str, tuple[str, type[BaseModel]]] = {"meshvm_agent_istio": ("istio", IstioSpec)}
 SERVICES_VAR = "meshvm_agent_services"
 # Top-level fields of AgentConfig and the role variables that carry them.
 SCALARS = {"meshvm_agent_node": "node", "meshvm_agent_address": "address"}
@@ -65,8 +67,8 @@ def _type_spec(annotation: Any, info: FieldInfo | None = None) -> dict[str, Any]
         return {"type": "str", "choices": list(typing.get_args(inner))}
     if isinstance(inner, type) and issubclass(inner, BaseModel):
         return {"type": "dict", "options": model_options(inner)}
-    if typing.get_origin(inner) is list:
-        (element,) = typing.get_args(inner)
+    if typing.get_origin(inner) in (list, tuple):
+        element = typing.get_args(inner)[0]
         element_spec = _type_spec(element)
         spec: dict[str, Any] = {"type": "list", "elements": element_spec["type"]}
         if "options" in element_spec:
@@ -103,6 +105,8 @@ def expected_options() -> dict[str, Any]:
         options[var] = {"type": _type_spec(AgentConfig.model_fields[field].annotation)["type"]}
     for var, (_section, model, exclude) in SECTIONS.items():
         options[var] = {"type": "dict", "default": {}, "options": model_options(model, exclude)}
+    for var, (_section, model) in OPTIONAL_SECTIONS.items():
+        options[var] = {"type": "dict", "options": model_options(model)}
     services = field_spec(AgentConfig.model_fields["services"])
     options[SERVICES_VAR] = services
     return options

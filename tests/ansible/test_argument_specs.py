@@ -9,7 +9,15 @@ import pytest
 import yaml
 
 from meshvm.config import AgentConfig
-from tests.ansible.argspec import REPO, SCALARS, SECTIONS, expected_options, role_options, strip_descriptions
+from tests.ansible.argspec import (
+    OPTIONAL_SECTIONS,
+    REPO,
+    SCALARS,
+    SECTIONS,
+    expected_options,
+    role_options,
+    strip_descriptions,
+)
 
 ROLES = sorted(p.name for p in (REPO / "roles").iterdir() if (p / "meta" / "argument_specs.yml").exists())
 
@@ -69,4 +77,5 @@ def test_meshvm_agent_specs_match_the_configuration_model() -> None:
 def test_meshvm_agent_sections_are_the_model_sections() -> None:
     """Every section of AgentConfig is reachable from a role variable (except the role-managed token file)."""
     covered = {section for section, _model, _exclude in SECTIONS.values()} | set(SCALARS.values()) | {"services"}
+    covered |= {section for section, _model in OPTIONAL_SECTIONS.values()}
     assert covered == set(AgentConfig.model_fields)

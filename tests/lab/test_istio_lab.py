@@ -22,53 +22,11 @@ from kubernetes.client.exceptions import ApiException
 from meshvm.kube.client import api_client
 from meshvm.lab import istiod, pods
 from meshvm.lab.state import LabState, Pod
+from tests.support.pods import curl, curl_until, envoy_admin, eventually, in_pod
 
 pytestmark = pytest.mark.lab
 
 SECURITY = ("security.istio.io", "v1")
-
-
-def in_pod(lab: LabState, name: str, *argv: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        pods.in_pod(lab.pod(name), list(argv)), capture_output=True, text=True, check=False, timeout=timeout
-    )
-
-
-def curl(lab: LabState, name: str, url: str) -> tuple[int, str]:
-    """(HTTP status, body) of a GET from the pod's app side: the pod's sidecar captures it."""
-    done = in_pod(lab, name, "curl", "-s", "-m", "5", "-o", "-", "-w", "\n%{http_code}", url)
-    body, _, code = done.stdout.rpartition("\n")
-    return int(code or 0), body
-
-
-def curl_until(lab: LabState, name: str, url: str, status: int, *, timeout: float = 30.0) -> str:
-    """The body of the first answer with ``status`` (policies take a moment to reach the sidecars)."""
-    answers: list[tuple[int, str]] = []
-
-    def probe() -> bool:
-        answers.append(curl(lab, name, url))
-        return answers[-1][0] == status
-
-    eventually(f"{name}: GET {url} -> {status}", probe, timeout=timeout)
-    return answers[-1][1]
-
-
-def eventually(what: str, probe: Callable[[], Any], *, timeout: float = 30.0) -> Any:
-    """Poll until ``probe`` returns something truthy (configuration takes a moment to reach every sidecar)."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(0.5)
-    raise AssertionError(f"{what}: not after {timeout:.0f}s (last: {last!r})")
-
-
-def envoy_admin(lab: LabState, name: str, path: str) -> str:
-    done = in_pod(lab, name, "curl", "-sf", f"http://127.0.0.1:15000{path}")
-    assert done.returncode == 0, done.stderr
-    return done.stdout
 
 
 def workload_uris(lab: LabState, name: str) -> tuple[set[str], str]:

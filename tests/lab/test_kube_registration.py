@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from meshvm.config import ServiceSpec
-from meshvm.errors import OperationFailedError
+from meshvm.errors import ConfigError, OperationFailedError
 from meshvm.kube import registration as reg
 from meshvm.kube.client import api_client
 from meshvm.lab.state import LabState
@@ -39,49 +39,63 @@ def test_register_is_idempotent_updates_and_removes_by_host(registrar: object) -
         network="vm-net",
         locality="lab/zone-a",
     )
-    vm2 = reg.VmWorkload("kt-vm2", "198.51.100.12", (_svc("kt-api", 8080, version="v2"),))
+    vm2 = reg.VmWorkload("kt-vm2", "198.51.100.12", (_svc("kt-api", 8080, version="v2"),), service_account="kt-api")
     first = reg.register(registrar, [vm1, vm2], NS, "istio")
     assert {c.action for c in first} == {"created"}
     kinds = sorted({c.kind for c in first})
-    assert kinds == ["EndpointSlice", "Service", "ServiceEntry", "WorkloadEntry"]
+    assert kinds == ["Role", "RoleBinding", "Secret", "Service", "ServiceAccount", "WorkloadEntry"]
     assert len([c for c in first if c.kind == "Service"]) == 2, "one Service per mesh service, shared by VMs"
+    assert len([c for c in first if c.kind == "ServiceAccount"]) == 1, "one identity shared by the kt-api VMs"
     assert {c.action for c in reg.register(registrar, [vm1, vm2], NS, "istio")} == {"unchanged"}
 
-    moved = reg.VmWorkload("kt-vm2", "198.51.100.13", vm2.services)
+    moved = reg.VmWorkload("kt-vm2", "198.51.100.13", vm2.services, service_account="kt-api")
     changed = {(c.kind, c.name): c.action for c in reg.register(registrar, [vm1, moved], NS, "istio")}
-    assert changed[("EndpointSlice", "kt-api-kt-vm2")] == "updated"
     assert changed[("WorkloadEntry", "kt-api-kt-vm2")] == "updated"
     assert changed[("Service", "kt-api")] == "unchanged"
 
     kinds_api = reg.Kinds(registrar)
-    slice_ = kinds_api.read("EndpointSlice", NS, "kt-api-kt-vm2")
-    assert slice_["endpoints"][0]["addresses"] == ["198.51.100.13"]
-    assert slice_["metadata"]["labels"]["kubernetes.io/service-name"] == "kt-api"
     entry = kinds_api.read("WorkloadEntry", NS, "kt-api-kt-vm1")
     assert entry["spec"] == {
         "address": "198.51.100.11",
-        "ports": {"http": 8080},
-        "labels": {"app": "kt-api", "version": "v1"},
+        "ports": {"http": 21000},
+        "labels": {"app": "kt-api", "version": "v1", "security.istio.io/tlsMode": "istio"},
         "serviceAccount": "kt-api",
         "network": "vm-net",
         "locality": "lab/zone-a",
     }
     service = kinds_api.read("Service", NS, "kt-api")
-    assert "selector" not in service["spec"] or not service["spec"]["selector"]
+    assert service["spec"]["selector"] == {"app": "kt-api"}
+    assert (service["spec"]["ports"][0]["port"], service["spec"]["ports"][0]["targetPort"]) == (8080, 21000)
     assert service["spec"]["clusterIP"]
+    role = kinds_api.read("Role", NS, "meshvm-token-kt-api")
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["serviceaccounts/token"], "resourceNames": ["kt-api"], "verbs": ["create"]}
+    ]
 
     assert set(reg.hosts_with_objects(registrar, NS)) >= {"kt-vm1", "kt-vm2"}
     gone = reg.remove_hosts(registrar, NS, {"kt-vm2"})
-    assert {c.name for c in gone} == {"kt-api-kt-vm2"}, "the shared Service stays while kt-vm1 still runs kt-api"
+    assert {(c.kind, c.name) for c in gone} == {("WorkloadEntry", "kt-api-kt-vm2"), ("Secret", "meshvm-vm-kt-vm2")}, (
+        "the shared Service and ServiceAccount stay while kt-vm1 still runs kt-api"
+    )
     gone = reg.remove_hosts(registrar, NS, {"kt-vm1"})
-    assert {(c.kind, c.name) for c in gone} >= {("Service", "kt-api"), ("ServiceEntry", "kt-api"), ("Service", "kt-db")}
+    assert {(c.kind, c.name) for c in gone} >= {
+        ("Service", "kt-api"),
+        ("Service", "kt-db"),
+        ("ServiceAccount", "kt-api"),
+        ("Role", "meshvm-token-kt-api"),
+        ("RoleBinding", "meshvm-token-kt-api"),
+    }
     assert reg.remove_hosts(registrar, NS, {"kt-vm1"}) == [], "removal is idempotent"
     assert "kt-vm1" not in reg.hosts_with_objects(registrar, NS)
 
 
-def test_kubernetes_mesh_writes_no_istio_objects(registrar: object) -> None:
+def test_kubernetes_mesh_needs_the_plaintext_opt_in_and_writes_no_istio_objects(registrar: object) -> None:
     vm = reg.VmWorkload("kt-vm1", "198.51.100.11", (_svc("kt-web", 80),))
-    kinds = {c.kind for c in reg.register(registrar, [vm], NS, "kubernetes")}
+    with pytest.raises(ConfigError, match="meshvm_kubernetes_plaintext"):
+        reg.register(registrar, [vm], NS, "kubernetes")
+    assert reg.hosts_with_objects(registrar, NS).get("kt-vm1") is None, "nothing applied"
+    opted = reg.VmWorkload("kt-vm1", "198.51.100.11", (_svc("kt-web", 80),), plaintext=True)
+    kinds = {c.kind for c in reg.register(registrar, [opted], NS, "kubernetes")}
     assert kinds == {"Service", "EndpointSlice"}
     assert reg.desired([vm], NS, "consul") == []
 
@@ -89,7 +103,7 @@ def test_kubernetes_mesh_writes_no_istio_objects(registrar: object) -> None:
 def test_restricted_identity_gets_403_outside_its_namespace(registrar: object) -> None:
     vm = reg.VmWorkload("kt-vm1", "198.51.100.11", (_svc("kt-web", 80),))
     with pytest.raises(OperationFailedError, match="403 forbidden"):
-        reg.register(registrar, [vm], "default", "kubernetes")
+        reg.register(registrar, [vm], "default", "istio")
 
 
 def test_bootstrap_material_is_readable_by_the_registrar_only_by_name(lab: LabState) -> None:

@@ -1,14 +1,18 @@
-"""`meshvm join/leave/status` on the lab's nspawn VMs, then the resilience and security suite under steady load.
+"""`meshvm join/leave/status` on the lab's nspawn VMs as members of the cluster's Istio mesh (pods call VMs and
+VMs call pods), then the resilience and security suite under steady load.
 
 The VMs are reset to fresh disks first; the demo apps and the lab policy come from the playbooks, the rest from
-`meshvm join` exactly as the README's first command runs it.
+`meshvm join` exactly as the README's first command runs it (`--mesh istio`, the default, with the lab-istio
+inventory layered over the lab's: vm1's web also calls pod2's Service).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shlex
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,22 +23,29 @@ import yaml
 from meshvm import lab as lab_api
 from meshvm.kube import registration
 from meshvm.kube.client import api_client
-from meshvm.lab import consul_server
+from meshvm.lab import consul_server, pods
 from meshvm.lab.procs import stop
 from meshvm.lab.state import LabState
 from tests.support.mesh import management, meshvm_exe, wait_for
 from tests.support.mesh import ssh as _ssh
+from tests.support.pods import LOOP, curl, curl_until, envoy_admin, eventually
 
 pytestmark = pytest.mark.lab
 REPO = Path(__file__).resolve().parents[2]
 INVENTORY = REPO / "inventories" / "lab"
+ISTIO_INVENTORY = REPO / "inventories" / "lab-istio"
 FORTIO = "/usr/local/bin/fortio"
+API = "http://api.meshvm.svc.cluster.local:8080/"  # the VMs' api service, by its Kubernetes name
+WEB_TO_POD2 = "http://127.0.0.1:9301/"  # on vm1: web's upstream k8s:shop/pod2
 
 
-def _meshvm(lab: LabState, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+def _meshvm(
+    lab: LabState, *args: str, timeout: float = 900, context: str = "lab-registrar"
+) -> subprocess.CompletedProcess[str]:
     assert lab.kube is not None
+    inventories = ["-i", str(INVENTORY), "-i", str(ISTIO_INVENTORY)]
     return subprocess.run(
-        [meshvm_exe(), *args, "-i", str(INVENTORY), "--kubeconfig", lab.kube.kubeconfig, "--context", "lab-registrar"],
+        [meshvm_exe(), *args, *inventories, "--kubeconfig", lab.kube.kubeconfig, "--context", context],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -61,16 +72,21 @@ def _playbook(name: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="module")
 def joined(lab: LabState) -> LabState:
+    assert len(lab.pods) >= 2, "the lab needs its pods (meshvm lab up --pods 2)"
     subprocess.run([meshvm_exe(), "lab", "reset", "vm1", "vm2", "vm3"], check=True, capture_output=True)
-    # `--mesh kubernetes` (join's default) is for clusters without a mesh: pods reach a VM's service through its
-    # EndpointSlice, without mTLS, so the apps listen on the VM's address here (the lab default is loopback only).
-    for playbook, extra in (("demo.yml", ["-e", "demo_app_address=0.0.0.0"]), ("policy.yml", [])):
-        done = _playbook(playbook, *extra)
+    for playbook in ("demo.yml", "policy.yml"):
+        done = _playbook(playbook)
         assert done.returncode == 0, done.stdout[-3000:]
     return lab
 
 
-def test_join_two_vms_end_to_end(joined: LabState) -> None:
+@pytest.fixture(scope="module")
+def joined_at(joined: LabState) -> float:
+    """When vm1 and vm2 joined (the first test joins them): their first refresh tokens date from then."""
+    return time.time()
+
+
+def test_join_two_vms_end_to_end(joined: LabState, joined_at: float) -> None:
     done = _meshvm(joined, "join", "vm1", "vm2")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "vm1" in done.stdout
@@ -87,18 +103,28 @@ def test_join_registered_correct_kubernetes_objects(joined: LabState) -> None:
     assert joined.kube is not None
     api = api_client(Path(joined.kube.kubeconfig), context="lab-registrar")
     objects = registration.hosts_with_objects(api, "meshvm")
-    assert sorted(objects["vm2"]) == ["EndpointSlice/api-vm2"]
+    assert sorted(objects["vm2"]) == ["WorkloadEntry/api-vm2"]
     kinds = registration.Kinds(api)
-    endpoint_slice = kinds.read("EndpointSlice", "meshvm", "api-vm2")
-    address = endpoint_slice["endpoints"][0]["addresses"][0]
-    port = endpoint_slice["ports"][0]["port"]
-    assert address == joined.host("vm2").address
-    # A request to the EndpointSlice's address reaches the VM's application.
-    reply = subprocess.run(
-        ["curl", "-sf", "--max-time", "5", f"http://{address}:{port}/"], capture_output=True, text=True, check=False
-    )
-    assert reply.returncode == 0, reply.stderr
-    assert kinds.read("Service", "meshvm", "api")["spec"]["ports"][0]["port"] == port
+    entry = kinds.read("WorkloadEntry", "meshvm", "api-vm2")["spec"]
+    assert entry["address"] == joined.host("vm2").address
+    assert entry["ports"] == {"http": 21000}, "the VM's Envoy (mTLS), never the application's port"
+    assert entry["labels"]["security.istio.io/tlsMode"] == "istio"
+    assert entry["serviceAccount"] == "api"
+    service = kinds.read("Service", "meshvm", "api")["spec"]
+    assert service["selector"] == {"app": "api"}, "it selects the WorkloadEntries, as it would pods"
+    assert (service["ports"][0]["port"], service["ports"][0]["targetPort"]) == (8080, 21000)
+    assert registration.Kinds(api).list("EndpointSlice", "meshvm", "app.kubernetes.io/managed-by=meshvm") == []
+    assert kinds.read("ServiceAccount", "meshvm", "api")
+    # Nothing outside the mesh reaches the application: not its port, not the mesh port without a certificate.
+    address = joined.host("vm2").address
+    for url in (f"http://{address}:8080/", f"http://{address}:21000/"):
+        reply = subprocess.run(
+            ["curl", "-s", "--max-time", "3", "-o", "/dev/null", "-w", "%{http_code}", url],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert reply.stdout in {"000", ""}, f"{url} answered {reply.stdout} outside the mesh"
 
 
 def test_join_again_changes_nothing(joined: LabState) -> None:
@@ -187,6 +213,234 @@ def test_unreachable_host_is_named_and_the_others_still_join(joined: LabState, t
     assert "preflight" in ghost
     vm3 = next(line for line in done.stdout.splitlines() if line.startswith("│ vm3"))
     assert "ok" in vm3
+
+
+# --- members of the cluster's Istio mesh: pods call VMs, VMs call pods ----------------------------------------
+
+SECURITY = ("security.istio.io", "v1")
+NETWORKING = ("networking.istio.io", "v1")
+
+
+@pytest.fixture(scope="module")
+def istio_objects(joined: LabState) -> Any:
+    """Apply Istio objects as the cluster's admin; every one is deleted when the module ends."""
+    from kubernetes import client as k8s
+
+    assert joined.kube is not None
+    custom = k8s.CustomObjectsApi(api_client(Path(joined.kube.kubeconfig), context="lab-admin"))
+    made: list[tuple[tuple[str, str], str, str, str]] = []
+
+    def apply(group: tuple[str, str], plural: str, body: dict[str, Any]) -> None:
+        meta = body["metadata"]
+        delete(group, meta["namespace"], plural, meta["name"])
+        custom.create_namespaced_custom_object(*group, meta["namespace"], plural, body)
+        made.append((group, meta["namespace"], plural, meta["name"]))
+
+    def delete(group: tuple[str, str], namespace: str, plural: str, name: str) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            custom.delete_namespaced_custom_object(*group, namespace, plural, name)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    apply.delete = delete  # type: ignore[attr-defined]
+    yield apply
+    for group, namespace, plural, name in made:
+        delete(group, namespace, plural, name)
+
+
+def _strict(apply: Any, namespace: str) -> None:
+    apply(
+        SECURITY,
+        "peerauthentications",
+        {
+            "apiVersion": "security.istio.io/v1",
+            "kind": "PeerAuthentication",
+            "metadata": {"name": "default", "namespace": namespace},
+            "spec": {"mtls": {"mode": "STRICT"}},
+        },
+    )
+
+
+def _vm_identities(lab: LabState, host: str) -> set[str]:
+    from meshvm.join import envoy_identities
+
+    return set(envoy_identities(_ssh(lab, host, "curl", "-s", "127.0.0.1:19000/certs").stdout))
+
+
+def test_pod_calls_vm_by_kubernetes_name_over_istio_mtls(joined: LabState, istio_objects: Any) -> None:
+    _strict(istio_objects, "shop")
+    _strict(istio_objects, "meshvm")
+    body = json.loads(curl_until(joined, "pod1", API, 200))
+    assert body["hostname"] == "vm2"
+    assert body["service"] == "api"
+    # The VM's Envoy terminated Istio mTLS and passed the caller's Istio identity to the app.
+    assert "URI=spiffe://cluster.local/ns/shop/sa/pod1" in body["caller"]
+    assert "spiffe://cluster.local/ns/meshvm/sa/api" in _vm_identities(joined, "vm2")
+    # pod1's sidecar (configured by istiod) sends to the VM's mesh port, and over TLS.
+    clusters = envoy_admin(joined, "pod1", "/clusters")
+    assert f"outbound|8080||api.meshvm.svc.cluster.local::{joined.host('vm2').address}:21000::" in clusters
+    stats = envoy_admin(joined, "pod1", "/stats?filter=outbound.8080..api.meshvm.*ssl.handshake$")
+    assert int(stats.strip().rsplit(" ", 1)[-1]) >= 1, stats
+
+
+def test_vm_calls_pod_over_istio_mtls_and_the_pod_side_authorizes_it(joined: LabState, istio_objects: Any) -> None:
+    def call() -> tuple[int, str]:
+        done = _ssh(joined, "vm1", "curl", "-s", "-m", "5", "-o", "-", "-w", "\n%{http_code}", WEB_TO_POD2)
+        text, _, code = done.stdout.rpartition("\n")
+        return int(code or 0), text
+
+    _status, text = eventually("vm1 -> pod2", lambda: (answer := call())[0] == 200 and answer)
+    body = json.loads(text)
+    assert body["pod"] == "pod2"
+    assert "URI=spiffe://cluster.local/ns/meshvm/sa/web" in body["headers"]["x-forwarded-client-cert"]
+    web = "cluster.local/ns/meshvm/sa/web"
+
+    def policy(action: str) -> dict[str, Any]:
+        return {
+            "apiVersion": "security.istio.io/v1",
+            "kind": "AuthorizationPolicy",
+            "metadata": {"name": "vm-web", "namespace": "shop"},
+            "spec": {
+                "selector": {"matchLabels": {"app": "pod2"}},
+                "action": action,
+                "rules": [{"from": [{"source": {"principals": [web]}}]}],
+            },
+        }
+
+    istio_objects(SECURITY, "authorizationpolicies", policy("ALLOW"))
+    assert eventually("the VM's identity allowed", lambda: call()[0] == 200)
+    assert curl(joined, "pod1", "http://pod2.shop.svc.cluster.local/")[0] == 403, "only the VM is allowed now"
+    istio_objects(SECURITY, "authorizationpolicies", policy("DENY"))
+    assert eventually("the VM's identity denied", lambda: call()[0] == 403)
+    istio_objects.delete(SECURITY, "shop", "authorizationpolicies", "vm-web")
+    assert eventually("allowed again", lambda: call()[0] == 200)
+
+
+def test_meshvm_policy_authorizes_pod_identities(joined: LabState) -> None:
+    from tests.support.mesh import apply_policy
+
+    lab_policy = yaml.safe_load((REPO / "policies" / "lab.yml").read_text())
+    prefix = "meshvm/lab-vms/policy"
+    assert curl(joined, "pod2", API)[0] == 403, "pod2 is not in the policy: denied by default"
+    without = {
+        **lab_policy,
+        "authorization": {**lab_policy["authorization"], "rules": lab_policy["authorization"]["rules"][:1]},
+    }
+    try:
+        apply_policy(joined, without, prefix)
+        curl_until(joined, "pod1", API, 403)
+        vm_to_vm = _ssh(joined, "vm1", "curl", "-sf", "http://127.0.0.1:9191/")
+        assert vm_to_vm.returncode == 0, "VM to VM over Consul's mesh still works"
+    finally:
+        apply_policy(joined, lab_policy, prefix)
+    curl_until(joined, "pod1", API, 200)
+
+
+def test_bad_input_for_the_istio_mesh_gets_one_clear_line(joined: LabState, tmp_path: Path) -> None:
+    assert joined.kube is not None
+    # --mesh kubernetes would register the plaintext port: refused without the opt-in, before anything is applied.
+    plain = _meshvm(joined, "join", "vm3", "--mesh", "kubernetes")
+    assert plain.returncode == 2, plain.stdout + plain.stderr
+    assert "meshvm_kubernetes_plaintext" in plain.stderr
+    assert len(plain.stderr.strip().splitlines()) == 1
+    # Credentials the API server no longer accepts (an expired or revoked token).
+    config = yaml.safe_load(Path(joined.kube.kubeconfig).read_text())
+    for user in config["users"]:
+        user["user"]["token"] = "expired-or-revoked"
+    stale = tmp_path / "kubeconfig"
+    stale.write_text(yaml.safe_dump(config))
+    expired = subprocess.run(
+        [meshvm_exe(), "join", "vm3", "-i", str(INVENTORY), "--kubeconfig", str(stale), "--context", "lab-registrar"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=REPO,
+    )
+    assert expired.returncode == 2, expired.stdout + expired.stderr
+    assert "401" in expired.stderr
+    assert len(expired.stderr.strip().splitlines()) == 1
+    # A namespace istiod has not published its root into (no istiod there): unreachable peer, exit 3.
+    bad_sa = subprocess.run(
+        [meshvm_exe(), "policy", "validate", "-f", str(tmp_path / "p.yml")], capture_output=True, text=True, check=False
+    )
+    assert bad_sa.returncode == 2
+    (tmp_path / "p.yml").write_text(
+        "authorization:\n  rules:\n    - {source: 'k8s:shop', destination: api, action: allow}\n"
+    )
+    malformed = subprocess.run(
+        [meshvm_exe(), "policy", "validate", "-f", str(tmp_path / "p.yml")], capture_output=True, text=True, check=False
+    )
+    assert malformed.returncode == 2
+    assert "k8s:<namespace>/<name>" in malformed.stderr
+    assert len(malformed.stderr.strip().splitlines()) == 1
+    # A namespace that does not exist, so no istiod has published its root there: one line, exit 3.
+    from meshvm.lab.lifecycle import lab_bootstrap
+
+    material = lab_bootstrap(joined)
+    bootstrap_file = tmp_path / "bootstrap.yml"
+    bootstrap_file.write_text(
+        yaml.safe_dump(
+            material.model_dump(mode="json")
+            | {"gossip_key": material.gossip_key.get_secret_value(), "acl_token": material.acl_token.get_secret_value()}
+        )
+    )
+    nowhere = _meshvm(
+        joined,
+        "join",
+        "vm3",
+        "--namespace",
+        "no-such-namespace",
+        "--bootstrap",
+        str(bootstrap_file),
+        context="lab-admin",
+    )
+    assert nowhere.returncode == 3, nowhere.stdout + nowhere.stderr
+    assert "istio-ca-root-cert" in nowhere.stderr
+    assert len(nowhere.stderr.strip().splitlines()) == 1
+    api = api_client(Path(joined.kube.kubeconfig), context="lab-registrar")
+    assert "vm3" not in registration.hosts_with_objects(api, "meshvm"), "nothing half-applied for vm3"
+
+
+def test_istiod_away_60s_known_workloads_keep_talking(joined: LabState) -> None:
+    """istiod stopped for 60 s under steady pod -> VM and VM -> pod load: no request fails; once it is back, it
+    issues certificates again (a restarted pod gets one; a VM whose certificate is gone gets a new one)."""
+    loops = [
+        subprocess.Popen(
+            pods.in_pod(joined.pod("pod1"), [sys.executable, "-c", LOOP, API, "700", "0.1"]),
+            stdout=subprocess.PIPE,
+            text=True,
+        ),
+        subprocess.Popen(
+            [*joined.ssh_argv(joined.host("vm1")), "python3", "-c", shlex.quote(LOOP), WEB_TO_POD2, "700", "0.1"],
+            stdout=subprocess.PIPE,
+            text=True,
+        ),
+    ]
+    time.sleep(3)
+    stopped = subprocess.run([meshvm_exe(), "lab", "stop", "istiod"], capture_output=True, text=True, check=False)
+    assert stopped.returncode == 0, stopped.stderr
+    try:
+        time.sleep(60)
+    finally:
+        started = subprocess.run([meshvm_exe(), "lab", "start", "istiod"], capture_output=True, text=True, check=False)
+    assert started.returncode == 0, started.stderr
+    results = [json.loads(loop.communicate(timeout=180)[0]) for loop in loops]
+    for result in results:
+        assert set(result["codes"]) == {"200"}, results
+        assert result["codes"]["200"] == 700, results
+    serial_before = _ssh(joined, "vm2", "cat", "/var/lib/meshvm/istio/cert-chain.pem").stdout
+    _ssh(joined, "vm2", "rm", "-f", "/var/lib/meshvm/istio/cert-chain.pem")
+    _ssh(joined, "vm2", "systemctl", "restart", "meshvm-agent")
+    wait_for(
+        "vm2's new Istio certificate from the restarted istiod",
+        lambda: _ssh(joined, "vm2", "cat", "/var/lib/meshvm/istio/cert-chain.pem").stdout not in {"", serial_before},
+        timeout=60,
+        interval=1,
+    )
+    curl_until(joined, "pod1", API, 200)
 
 
 # --- resilience under steady load (vm1 -> api on vm2 and vm3) --------------------------------------------------
@@ -368,6 +622,103 @@ def test_crashed_upstream_is_ejected_and_retries_keep_success(mesh_under_load: L
     assert result["ok"] / result["total"] >= 0.999, result
 
 
+# --- Istio's traffic management reaches the VMs; meshvm's reaches the cluster ---------------------------------
+
+
+def _loop_in_pod(lab: LabState, pod: str, url: str, count: int) -> dict[str, Any]:
+    done = subprocess.run(
+        pods.in_pod(lab.pod(pod), [sys.executable, "-c", LOOP, url, str(count), "0"]),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return dict(json.loads(done.stdout))
+
+
+def test_istio_split_and_fault_for_pod_to_vm_traffic(mesh_under_load: LabState, istio_objects: Any) -> None:
+    """A DestinationRule (subsets by the VMs' version labels) and a VirtualService (80/20 split, 10 % aborts) in
+    the cluster shape pod -> VM traffic: the VMs are endpoints Istio routes like any pod's."""
+    host = "api.meshvm.svc.cluster.local"
+    istio_objects(
+        NETWORKING,
+        "destinationrules",
+        {
+            "apiVersion": "networking.istio.io/v1",
+            "kind": "DestinationRule",
+            "metadata": {"name": "api", "namespace": "meshvm"},
+            "spec": {
+                "host": host,
+                "subsets": [{"name": "v1", "labels": {"version": "v1"}}, {"name": "v2", "labels": {"version": "v2"}}],
+            },
+        },
+    )
+    istio_objects(
+        NETWORKING,
+        "virtualservices",
+        {
+            "apiVersion": "networking.istio.io/v1",
+            "kind": "VirtualService",
+            "metadata": {"name": "api", "namespace": "meshvm"},
+            "spec": {
+                "hosts": [host],
+                "http": [
+                    {
+                        "fault": {"abort": {"httpStatus": 503, "percentage": {"value": 10}}},
+                        "route": [
+                            {"destination": {"host": host, "subset": "v1"}, "weight": 80},
+                            {"destination": {"host": host, "subset": "v2"}, "weight": 20},
+                        ],
+                    }
+                ],
+            },
+        },
+    )
+    eventually(
+        "pod1's sidecar has the split", lambda: "vm3" in json.dumps(_loop_in_pod(mesh_under_load, "pod1", API, 40))
+    )
+    result = _loop_in_pod(mesh_under_load, "pod1", API, 1000)
+    codes, hosts = result["codes"], result["hosts"]
+    assert set(codes) == {"200", "503"}, result
+    assert 60 <= codes["503"] <= 140, f"10 % aborts expected: {result}"
+    assert abs(hosts["vm2"] / codes["200"] - 0.8) <= 0.05, f"80/20 split expected: {result}"
+    assert hosts["vm2"] + hosts.get("vm3", 0) == codes["200"]
+
+
+def test_meshvm_policy_applies_to_calls_into_the_cluster(mesh_under_load: LabState) -> None:
+    """A fault and retries in meshvm's policy for k8s:shop/pod2 shape vm1's calls to pod2's Service."""
+    from tests.support.mesh import apply_policy
+
+    lab_policy = yaml.safe_load((REPO / "policies" / "lab.yml").read_text())
+    prefix = "meshvm/lab-vms/policy"
+    faulty = {
+        **lab_policy,
+        "services": {
+            **lab_policy["services"],
+            "k8s:shop/pod2": {"fault": {"abort": {"status": 418, "percent": 30}}, "retries": {"attempts": 0}},
+        },
+    }
+    count = 400
+    script = (
+        f"for i in $(seq {count}); do curl -s -o /dev/null -w '%{{http_code}}\\n' {WEB_TO_POD2}; done | sort | uniq -c"
+    )
+    try:
+        apply_policy(mesh_under_load, faulty, prefix)
+        wait_for(
+            "vm1's Envoy has the fault",
+            lambda: "418" in _ssh(mesh_under_load, "vm1", "sh", "-c", script.replace(str(count), "30", 1)).stdout,
+            timeout=30,
+            interval=1,
+        )
+        counted = _ssh(mesh_under_load, "vm1", "sh", "-c", script, timeout=300).stdout
+    finally:
+        apply_policy(mesh_under_load, lab_policy, prefix)
+    codes = {code: int(n) for n, code in (line.split() for line in counted.strip().splitlines())}
+    assert set(codes) == {"200", "418"}, codes
+    assert abs(codes["418"] / count - 0.30) <= 0.07, codes
+
+
 # --- security --------------------------------------------------------------------------------------------------
 
 
@@ -449,7 +800,7 @@ def test_graph_draws_who_calls_whom(mesh_under_load: LabState, tmp_path: Path) -
     assert as_json.returncode == 0, as_json.stderr
     data = json.loads(as_json.stdout)
     edges = {(e["source"], e["destination"]): e for e in data["edges"]}
-    assert set(edges) == {("web", "api")}, edges
+    assert set(edges) == {("web", "api"), ("web", "k8s:shop/pod2")}, edges
     assert edges["web", "api"]["requests"] >= 50, edges
     assert sorted(data["services"]["api"]) == ["vm2", "vm3"]
     picture = tmp_path / "mesh.svg"
@@ -458,7 +809,72 @@ def test_graph_draws_who_calls_whom(mesh_under_load: LabState, tmp_path: Path) -
     )
     assert drawn.returncode == 0, drawn.stderr
     lines = ET.parse(picture).getroot().findall("{http://www.w3.org/2000/svg}line")  # noqa: S314 - our own output
-    assert [(e.get("data-source"), e.get("data-destination")) for e in lines] == [("web", "api")]
+    assert [(e.get("data-source"), e.get("data-destination")) for e in lines] == [
+        ("web", "api"),
+        ("web", "k8s:shop/pod2"),
+    ]
+
+
+def _agent_health(lab: LabState, host: str) -> dict[str, Any]:
+    return dict(json.loads(_ssh(lab, host, "curl", "-s", "127.0.0.1:19200/health").stdout))
+
+
+def test_tokens_and_certificates_renew_themselves_long_after_join(mesh_under_load: LabState, joined_at: float) -> None:
+    """The lab's tokens and certificates live 10 minutes: by now (the suite above takes longer) the token join gave
+    vm1 has expired, and the VM has kept its identity by itself, with a token it minted."""
+    import datetime as dt
+
+    from meshvm.lab.lifecycle import lab_bootstrap
+
+    lab = mesh_under_load
+    lifetime = lab_bootstrap(lab).istio_token_lifetime
+    # Alone, this test waits for the first token to run out; in the whole suite that moment is long past.
+    time.sleep(max(0.0, joined_at + lifetime + 15 - time.time()))
+    for host in ("vm1", "vm2"):
+        istio = _agent_health(lab, host)["istio"]
+        expires = dt.datetime.fromisoformat(istio["token_expires"]).timestamp()
+        assert expires > joined_at + lifetime, f"{host} still has the token join gave it: {istio}"
+        assert dt.datetime.fromisoformat(istio["certificate_expires"]).timestamp() > time.time(), istio
+        assert istio["last_error"] is None, istio
+    # vm1's agent has run since join (vm2's was restarted above): it renewed more than once, with minted tokens.
+    metrics = _ssh(lab, "vm1", "curl", "-s", "127.0.0.1:19200/metrics").stdout
+    renewals = re.search(r'meshvm_istio_certificate_renewals_total\{credential="token"\} (\S+)', metrics)
+    assert renewals is not None, metrics
+    assert float(renewals.group(1)) >= 2, metrics
+    curl_until(lab, "pod1", API, 200)
+    assert json.loads(_ssh(lab, "vm1", "curl", "-sf", WEB_TO_POD2).stdout)["pod"] == "pod2"
+
+
+def test_vm_rebooted_after_its_first_token_expired_comes_back_into_both_meshes(mesh_under_load: LabState) -> None:
+    lab = mesh_under_load
+    boot_id = _ssh(lab, "vm2", "cat", "/proc/sys/kernel/random/boot_id").stdout
+    _ssh(lab, "vm2", "systemctl", "reboot", timeout=30)
+    time.sleep(3)
+    wait_for(
+        "vm2 rebooted with its units running",
+        lambda: (
+            _ssh(lab, "vm2", "cat", "/proc/sys/kernel/random/boot_id", timeout=15).stdout not in {"", boot_id}
+            and all(
+                _ssh(lab, "vm2", "systemctl", "is-active", unit, timeout=15).stdout.strip() == "active"
+                for unit in ("consul", "meshvm-agent", "envoy")
+            )
+        ),
+        timeout=150,
+        interval=2,
+    )
+    wait_for(
+        "vm2 serves pods again (Istio's mesh)",
+        lambda: _loop_in_pod(lab, "pod1", API, 20)["hosts"].get("vm2", 0) > 0,
+        timeout=90,
+        interval=2,
+    )
+    wait_for(
+        "vm2 passing in Consul (Consul's mesh)",
+        lambda: all(c["Status"] == "passing" for c in management(lab).health.node("vm2")[1]),
+        timeout=60,
+        interval=1,
+    )
+    assert "spiffe://cluster.local/ns/meshvm/sa/api" in _vm_identities(lab, "vm2")
 
 
 def test_leave_removes_everything_and_is_idempotent(mesh_under_load: LabState) -> None:

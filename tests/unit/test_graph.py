@@ -60,3 +60,11 @@ def test_a_call_cycle_still_draws() -> None:
     graph.add_stats(_stats(**{"cluster.out.a.b.upstream_rq_total": 1, "cluster.out.b.a.upstream_rq_total": 1}))
     picture = ET.fromstring(svg(graph))  # noqa: S314 - our own output
     assert len(picture.findall("{http://www.w3.org/2000/svg}line")) == 2
+
+
+def test_calls_into_the_cluster_are_drawn_with_their_kubernetes_name() -> None:
+    graph = Graph(services={"web": ["vm1"]})
+    graph.add_stats(_stats(**{"cluster.out.web.k8s.shop.pod2.upstream_rq_total": 7}))
+    assert set(graph.edges) == {("web", "k8s:shop/pod2")}
+    assert graph.edges["web", "k8s:shop/pod2"].requests == 7
+    ET.fromstring(svg(graph))  # noqa: S314 - our own output

@@ -2,7 +2,8 @@
 """Installed by Ansible (role demo_app): a tiny HTTP service for the meshvm lab, standard library only.
 
 GET /health answers 200 {"status": "ok"}; any other GET answers 200 with the host name, the service name and the
-request path as JSON, so a caller can see which instance served it.
+request path as JSON, so a caller can see which instance served it, and the caller's mesh identity as the VM's
+Envoy forwarded it (the x-forwarded-client-cert header), so it can see who called.
 """
 
 from __future__ import annotations
@@ -28,7 +29,12 @@ def main() -> None:
             if self.path == "/health":
                 body = {"status": "ok"}
             else:
-                body = {"hostname": hostname, "service": args.name, "path": self.path}
+                body = {
+                    "hostname": hostname,
+                    "service": args.name,
+                    "path": self.path,
+                    "caller": self.headers.get("x-forwarded-client-cert", ""),
+                }
             payload = (json.dumps(body) + "\n").encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")

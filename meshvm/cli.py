@@ -295,7 +295,7 @@ def _policy_client(consul: str, token_file: Path | None) -> Any:
     import os
 
     from meshvm.config import ConsulSpec
-    from meshvm.consulclient import ConsulClient
+    from meshvm.consul.client import ConsulClient
     from meshvm.errors import UsageError
 
     scheme, _, address = consul.rpartition("://")

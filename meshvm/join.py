@@ -13,6 +13,8 @@ from typing import Any
 
 from meshvm import bootstrap as bootstrap_mod
 from meshvm import inventory, playbooks
+from meshvm.config import ConsulSpec
+from meshvm.consul.client import ConsulClient
 from meshvm.errors import MeshvmError, UsageError
 from meshvm.inventory import InventoryHost
 from meshvm.kube import identity as kube_identity
@@ -127,7 +129,7 @@ def preflight(host: InventoryHost) -> str:
     return ""
 
 
-def observe(host: InventoryHost, consul: Any, report: HostReport) -> None:
+def observe(host: InventoryHost, consul: ConsulClient | None, report: HostReport) -> None:
     """Fill ``report`` with the host's health right now: Consul checks, Envoy readiness, mesh identities."""
     admin = f"http://127.0.0.1:{host.envoy_admin_port}"
     with Remote(host) as remote:
@@ -137,9 +139,7 @@ def observe(host: InventoryHost, consul: Any, report: HostReport) -> None:
     report.identities = [s.name for s in host.services if any(i.endswith(f"/svc/{s.name}") for i in report.expiry)]
     istio = [i for i in report.expiry if "/sa/" in i]
     report.istio = f"{istio[0]} until {report.expiry[istio[0]]}" if istio else ""
-    checks: list[dict[str, Any]] = []
-    if consul is not None:
-        _, checks = consul.health.node(host.name)
+    checks = consul.node_checks(host.name) if consul is not None else []
     ours = {s.name for s in host.services}
     wanted = [
         c
@@ -166,13 +166,11 @@ def envoy_identities(certs_json: str) -> dict[str, str]:
     return found
 
 
-def _consul_client(material: bootstrap_mod.Bootstrap | None) -> Any:
+def _consul_client(material: bootstrap_mod.Bootstrap | None) -> ConsulClient | None:
     if material is None or not material.consul_http_addr:
         return None
-    import consul
-
-    host, port = material.consul_http_addr.rsplit(":", 1)
-    return consul.Consul(host=host, port=int(port), token=material.acl_token.get_secret_value())
+    spec = ConsulSpec(http_addr=material.consul_http_addr)
+    return ConsulClient(spec, material.acl_token.get_secret_value())
 
 
 def load_bootstrap(target: Target, bootstrap_file: Path | None) -> bootstrap_mod.Bootstrap:

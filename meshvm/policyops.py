@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 
-from meshvm.consulclient import ConsulClient
+from meshvm.consul.client import ConsulClient
 from meshvm.errors import ConfigError, OperationFailedError
 from meshvm.policy import POLICY_KEY, MeshPolicy, parse_policy_json
 

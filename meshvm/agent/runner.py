@@ -17,16 +17,10 @@ from typing import Any
 
 from meshvm.agent.istio import IstioIdentity
 from meshvm.agent.metrics import AgentMetrics
-from meshvm.agent.watch import Connection, ConsulReader, watch
 from meshvm.config import AgentConfig
-from meshvm.consulclient import (
-    ConsulClient,
-    parse_health_connect,
-    parse_intentions,
-    parse_kv,
-    parse_leaf,
-    parse_roots,
-)
+from meshvm.consul.client import ConsulClient
+from meshvm.consul.parse import parse_health_connect, parse_intentions, parse_kv, parse_leaf, parse_roots
+from meshvm.consul.watch import Connection, ConsulReader, watch
 from meshvm.envoy import resources as envoy_resources
 from meshvm.envoy import writer
 from meshvm.envoy.snapshot import Instance, Leaf, Roots, Snapshot

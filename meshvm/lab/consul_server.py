@@ -7,16 +7,16 @@ import json
 import logging
 import secrets
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from meshvm.errors import OperationFailedError
+from meshvm.config import ConsulSpec
+from meshvm.consul.client import ConsulClient
+from meshvm.errors import MeshvmError, OperationFailedError
 from meshvm.fsutil import atomic_write
 from meshvm.lab import network
-from meshvm.lab.procs import free_port, http_ok, spawn, wait_until
+from meshvm.lab.procs import free_port, spawn, wait_until
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +95,7 @@ def start(binary: Path, state: Path) -> dict[str, Any]:
     )
     atomic_write(config_path, json.dumps(config, indent=2), mode=0o600)
     pid = launch(binary, state)
-    http = f"http://127.0.0.1:{ports.http}"
-    vm_token = _create_vm_token(http, master_token)
+    vm_token = _create_vm_token(f"127.0.0.1:{ports.http}", master_token)
     return {
         "pid": pid,
         "http_addr": f"{network.BRIDGE_ADDRESS}:{ports.http}",
@@ -120,8 +119,8 @@ def launch(binary: Path, state: Path) -> int:
     config = json.loads(config_file(state).read_text())
     log_path = state / "consul" / "consul.log"
     pid = spawn([str(binary), "agent", f"-config-file={config_file(state)}"], log_path=log_path)
-    http = f"http://127.0.0.1:{config['ports']['http']}"
-    wait_until("Consul leader", _has_leader(http), timeout=30, log_path=log_path, pid=pid)
+    leader = _has_leader(f"127.0.0.1:{config['ports']['http']}")
+    wait_until("Consul leader", leader, timeout=30, log_path=log_path, pid=pid)
     return pid
 
 
@@ -130,52 +129,29 @@ def _uuid() -> str:
     return f"{raw[:8]}-{raw[8:12]}-{raw[12:16]}-{raw[16:20]}-{raw[20:]}"
 
 
-def _has_leader(http: str) -> Any:
-    ok = http_ok(f"{http}/v1/status/leader")
+def _client(http_addr: str, token: str | None = None) -> ConsulClient:
+    return ConsulClient(ConsulSpec(http_addr=http_addr), token)
+
+
+def _has_leader(http_addr: str) -> Any:
+    client = _client(http_addr)
 
     def probe() -> bool:
-        if not ok():
+        try:
+            return bool(client.leader())
+        except MeshvmError:
             return False
-        with urllib.request.urlopen(f"{http}/v1/status/leader", timeout=2) as response:  # noqa: S310 - lab
-            return bool(json.loads(response.read()))
 
     return probe
 
 
-def _call(http: str, token: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(  # noqa: S310 - the lab's own Consul
-        f"{http}{path}",
-        data=data,
-        method=method,
-        headers={"X-Consul-Token": token},
-    )
-    # ACL bootstrapping finishes a moment after the leader is elected.
+def _create_vm_token(http_addr: str, master_token: str) -> str:
+    client = _client(http_addr, master_token)
+    # ACL bootstrapping finishes a moment after the leader is elected: until then Consul refuses or fails.
     for _ in range(50):
         try:
-            with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - lab
-                return json.loads(response.read() or b"null")
-        except urllib.error.HTTPError as exc:
-            if exc.code in (403, 500):
-                time.sleep(0.2)
-                continue
-            raise
-    raise OperationFailedError(f"Consul {method} {path} kept failing")
-
-
-def _create_vm_token(http: str, master_token: str) -> str:
-    _call(
-        http,
-        master_token,
-        "PUT",
-        "/v1/acl/policy",
-        {"Name": VM_POLICY_NAME, "Description": "meshvm lab VMs", "Rules": VM_POLICY_RULES},
-    )
-    token = _call(
-        http,
-        master_token,
-        "PUT",
-        "/v1/acl/token",
-        {"Description": "meshvm lab VMs", "Policies": [{"Name": VM_POLICY_NAME}]},
-    )
-    return str(token["SecretID"])
+            return client.create_acl_token(VM_POLICY_NAME, VM_POLICY_RULES, "meshvm lab VMs")
+        except MeshvmError as exc:
+            last = exc
+            time.sleep(0.2)
+    raise OperationFailedError(f"Consul would not create the lab VMs' ACL token: {last}")

@@ -341,7 +341,7 @@ def apply_policy(lab: LabState, policy: dict[str, Any], prefix: str = "meshvm/po
     """Write a policy with the same code `meshvm policy apply` uses."""
     from meshvm import policyops
     from meshvm.config import ConsulSpec
-    from meshvm.consulclient import ConsulClient
+    from meshvm.consul.client import ConsulClient
     from meshvm.policy import parse_policy
 
     assert lab.consul is not None

@@ -1,4 +1,5 @@
-"""meshvm's view of Consul, over py-consul: registration, blocking reads, Connect CA, intentions, policy KV.
+"""Consul's HTTP API for everything but the agent's watches, over py-consul: registration, node health, the
+policy key (check-and-set), ACL policies and tokens.
 
 Every method raises :class:`meshvm.errors.PeerUnreachableError` when Consul cannot be reached and
 :class:`meshvm.errors.OperationFailedError` when it answers with an error, so callers handle two cases only.
@@ -6,7 +7,6 @@ Every method raises :class:`meshvm.errors.PeerUnreachableError` when Consul cann
 
 from __future__ import annotations
 
-import base64
 import functools
 import logging
 from collections.abc import Callable, Iterator
@@ -17,9 +17,7 @@ import consul
 import requests
 
 from meshvm.config import AgentConfig, CheckSpec, ConsulSpec, ServiceSpec
-from meshvm.envoy.snapshot import Instance, Leaf, Roots
 from meshvm.errors import OperationFailedError, PeerUnreachableError
-from meshvm.policy import AuthorizationRule
 from meshvm.values import consul_duration
 
 log = logging.getLogger(__name__)
@@ -159,6 +157,22 @@ class ConsulClient:
                     f"deregistering {service_id}", functools.partial(self.api.agent.service.deregister, service_id)
                 )
 
+    def node_checks(self, node: str) -> list[dict[str, Any]]:
+        """Every check of ``node`` (its services' and serfHealth), as Consul's /v1/health/node lists them."""
+        _index, checks = self._call(f"health of node {node}", functools.partial(self.api.health.node, node))
+        return list(checks or [])
+
+    def create_acl_token(self, name: str, rules: str, description: str) -> str:
+        """The ACL policy ``name`` with ``rules`` (made if missing) and a new token holding it; returns its secret."""
+        existing = {p["Name"] for p in self._call("listing ACL policies", self.api.acl.policy.list)}
+        if name not in existing:
+            self._call(f"creating ACL policy {name}", functools.partial(self.api.acl.policy.create, name, rules=rules))
+        token = self._call(
+            f"creating an ACL token for {name}",
+            functools.partial(self.api.acl.token.create, description=description, policies_name=[name]),
+        )
+        return str(token["SecretID"])
+
     def registered(self) -> dict[str, Any]:
         return dict(self._call("agent/services", self.api.agent.services))
 
@@ -178,67 +192,3 @@ class ConsulClient:
     def kv_cas(self, key: str, value: bytes, modify_index: int) -> bool:
         """Check-and-set: True when written; False when someone changed the key since ``modify_index``."""
         return bool(self._call(f"kv put {key}", lambda: self.api.kv.put(key, value, cas=modify_index)))
-
-
-# --- what the agent's watches read (see meshvm.agent.watch): Consul's JSON in, snapshot values out -------------
-
-
-def parse_health_connect(entries: list[dict[str, Any]] | None) -> tuple[Instance, ...]:
-    """Every sidecar of a service on a live node, with its health (a critical check = unhealthy).
-
-    Unhealthy instances are kept and marked, not dropped: Envoy routes around them, and when too few are healthy
-    (as right after a Consul server restart, before gossip has confirmed every node) its panic threshold keeps
-    traffic flowing instead of answering 503 for an application that is fine.
-    """
-    instances = []
-    for entry in entries or []:
-        svc, node, checks = entry["Service"], entry["Node"], entry.get("Checks") or []
-        if any(c.get("CheckID") == "serfHealth" and c.get("Status") == "critical" for c in checks):
-            continue  # the node itself is gone (or not yet confirmed alive): never a target, even in panic
-        instances.append(
-            Instance(
-                address=svc.get("Address") or node["Address"],
-                port=int(svc["Port"]),
-                node=node["Node"],
-                tags=tuple(sorted(svc.get("Tags") or [])),
-                meta=tuple(sorted((svc.get("Meta") or {}).items())),
-                healthy=all(c.get("Status") != "critical" for c in checks),
-            )
-        )
-    return tuple(sorted(instances, key=lambda i: (i.address, i.port, i.node)))
-
-
-def parse_roots(data: dict[str, Any]) -> Roots:
-    active = [r["RootCert"] for r in data["Roots"] if r.get("Active")]
-    # Sorted: Consul lists them in no fixed order, and a reordered bundle would make Envoy rebuild TLS contexts.
-    others = sorted(r["RootCert"] for r in data["Roots"] if not r.get("Active"))
-    # Keep every root the CA still lists: during a CA rotation both must be trusted.
-    return Roots(trust_domain=data["TrustDomain"], pems=tuple(active + others))
-
-
-def parse_leaf(service: str, data: dict[str, Any]) -> Leaf:
-    return Leaf(
-        service=service,
-        cert_pem=data["CertPEM"],
-        key_pem=data["PrivateKeyPEM"],
-        serial=data.get("SerialNumber", ""),
-        valid_before=data.get("ValidBefore", ""),
-    )
-
-
-def parse_intentions(data: list[dict[str, Any]] | None) -> tuple[AuthorizationRule, ...]:
-    rules = []
-    for item in data or []:
-        if item.get("SourceType", "consul") != "consul" or item.get("Action") not in {"allow", "deny"}:
-            continue
-        rules.append(
-            AuthorizationRule(source=item["SourceName"], destination=item["DestinationName"], action=item["Action"])
-        )
-    return tuple(rules)
-
-
-def parse_kv(items: list[dict[str, Any]] | None) -> bytes | None:
-    if not items:
-        return None
-    value = items[0].get("Value")
-    return base64.b64decode(value) if value else b""

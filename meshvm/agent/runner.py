@@ -11,10 +11,10 @@ import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from meshvm.agent import core
 from meshvm.agent.istio import IstioIdentity
 from meshvm.agent.metrics import AgentMetrics
 from meshvm.config import AgentConfig
@@ -25,15 +25,12 @@ from meshvm.envoy import resources as envoy_resources
 from meshvm.envoy import writer
 from meshvm.envoy.snapshot import Instance, Leaf, Roots, Snapshot
 from meshvm.errors import MeshvmError, OperationFailedError
-from meshvm.policy import POLICY_KEY, AuthorizationRule, MeshPolicy, parse_policy_json
+from meshvm.policy import POLICY_KEY, AuthorizationRule
 
 log = logging.getLogger(__name__)
 REGISTER_BACKOFF_MAX = 10.0
 REGISTRATION_CHECK_INTERVAL = 5.0
 INITIAL_SYNC_TIMEOUT = 10.0  # seconds to wait for every watch's first answer before rendering anyway
-RECONNECT_SETTLE_WINDOW = 30.0  # seconds after a Consul outage during which answers must settle before use
-RECONNECT_SETTLE_QUIET = 3.0  # ... settled meaning: unchanged for this long
-RECONNECT_GRACE = 15.0  # seconds after a Consul outage during which "it is gone" is not believed
 
 
 def sd_notify(message: str) -> None:
@@ -63,179 +60,61 @@ class Agent:
         self.stop_event = threading.Event()
         self._lock = threading.Lock()
         self._dirty = threading.Event()
-        self._snapshot = Snapshot(config=config)
+        self._state = core.initial(Snapshot(config=config))
         self._pending_since: float | None = None
-        self._watch_health: dict[str, str] = {}
+        self._timers: dict[str, threading.Timer] = {}
         self._rendered_once = False
         self._last_error = ""
         self._intentions_supported = True
-        self._last_consul_error = float("-inf")
-        self._latest_upstreams: dict[str, tuple[Instance, ...]] = {}
-        self._latest_policy: bytes | None = None
-        self._deferred: dict[str, threading.Timer] = {}
         self._awaiting_first: set[str] = {"(not started)"}
         self._started = time.monotonic()
         self._server: ThreadingHTTPServer | None = None
         self.metrics.policy_valid.set(1)
         self.istio = IstioIdentity(config.istio, self._set_istio, self.metrics) if config.istio else None
 
-    # --- state updates from watches ------------------------------------------------------------------------
+    # --- state updates: every watch answer, failure and timer goes through core.step --------------------------
 
-    def _update(self, change: Callable[[Snapshot], dict[str, Any] | None]) -> None:
-        """Apply ``change`` to the snapshot atomically; it returns the fields to replace, or None for no change."""
+    @property
+    def _snapshot(self) -> Snapshot:
+        return self._state.snapshot
+
+    def _event(self, event: core.Event) -> None:
+        """Apply ``event`` to the state (core.step, under the lock) and carry out its effects."""
         with self._lock:
-            fields = change(self._snapshot)
-            if not fields:
-                return
-            self._snapshot = replace(self._snapshot, **fields)
-            if self._pending_since is None:
-                self._pending_since = time.monotonic()
-        self._dirty.set()
+            self._state, effects = core.step(self._state, event, time.monotonic())
+            for effect in effects:
+                if isinstance(effect, core.Render) and self._pending_since is None:
+                    self._pending_since = time.monotonic()
+                elif isinstance(effect, core.SetTimer):
+                    self._set_timer(effect)
+        for effect in effects:
+            if isinstance(effect, core.Render):
+                self._dirty.set()
+            elif isinstance(effect, core.Metric):
+                metric = getattr(self.metrics, effect.name)
+                (metric.set if effect.op == "set" else metric.inc)(effect.value, **dict(effect.labels))
+            elif isinstance(effect, core.Log):
+                getattr(log, effect.level)("%s", effect.message)
 
-    # Right after Consul comes back its answers can flap between stale, empty and current for several seconds (a
-    # restarted server replaying its log, ACLs and the CA not loaded yet, gossip not confirming nodes). Envoy keeps
-    # the last good state meanwhile: within SETTLE_WINDOW of an outage a change is applied only once Consul's answer
-    # has stayed the same for SETTLE_QUIET, and something we had that vanishes within GRACE is only let go then.
-
-    def _since_outage(self) -> float:
-        with self._lock:
-            return time.monotonic() - self._last_consul_error
-
-    def _defer(self, key: str, delay: float, commit: Callable[[], None], *, restart: bool = False) -> None:
-        """Run ``commit`` after ``delay`` — once per ``key``; ``restart`` pushes a pending run back instead."""
-
-        def run() -> None:
-            with self._lock:
-                self._deferred.pop(key, None)
-            commit()
-
-        with self._lock:
-            pending = self._deferred.get(key)
-            if pending is not None and not restart:
-                return
-            if pending is not None:
-                pending.cancel()
-            timer = threading.Timer(delay, run)
-            timer.daemon = True
-            self._deferred[key] = timer
+    def _set_timer(self, effect: core.SetTimer) -> None:
+        """Called with the lock held: (re)arm the timer that delivers TimerFired(key, due)."""
+        pending = self._timers.pop(effect.key, None)
+        if pending is not None:
+            pending.cancel()
+        delay = max(effect.due - time.monotonic(), 0.0)
+        timer = threading.Timer(delay, self._event, args=(core.TimerFired(effect.key, effect.due),))
+        timer.daemon = True
+        self._timers[effect.key] = timer
         timer.start()
 
-    def _apply_settled(self, key: str, commit: Callable[[], None]) -> None:
-        if self._since_outage() < RECONNECT_SETTLE_WINDOW:
-            self._defer(key, RECONNECT_SETTLE_QUIET, commit, restart=True)
-        else:
-            commit()
-
-    def _kept_through_grace(self, what: str, key: str, vanished: bool, commit: Callable[[], None]) -> bool:
-        since = self._since_outage()
-        if not vanished or since >= RECONNECT_GRACE:
-            return False
-        log.warning(
-            "%s vanished from Consul just after reconnecting; keeping the last good one for up to %.0fs",
-            what,
-            RECONNECT_GRACE - since,
-        )
-        self._defer(f"{key}:grace", RECONNECT_GRACE - since, commit)
-        return True
-
     def _set_upstream(self, service: str) -> Callable[[tuple[Instance, ...]], None]:
-        def apply(instances: tuple[Instance, ...]) -> None:
-            self._latest_upstreams[service] = instances
-            self._apply_settled(f"upstream:{service}", functools.partial(self._commit_upstream, service))
-
-        return apply
-
-    def _commit_upstream(self, service: str) -> None:
-        instances = self._latest_upstreams.get(service, ())
-        with self._lock:
-            known = bool(self._snapshot.upstreams.get(service))
-        commit = functools.partial(self._commit_upstream, service)
-        if self._kept_through_grace(
-            f"every instance of {service}", f"upstream:{service}", not instances and known, commit
-        ):
-            return
-        self.metrics.endpoints.set(sum(i.healthy for i in instances), service=service)
-        protocols = {dict(i.meta).get("protocol") for i in instances} - {None}
-
-        def change(snapshot: Snapshot) -> dict[str, Any] | None:
-            fields: dict[str, Any] = {}
-            if snapshot.upstreams.get(service) != instances:
-                fields["upstreams"] = {**snapshot.upstreams, service: instances}
-            # Remember what the destination speaks even when it has no instance for a while: a listener that
-            # flipped to TCP and back on every outage would drop connections twice.
-            if len(protocols) == 1 and snapshot.protocols.get(service) not in protocols:
-                fields["protocols"] = {**snapshot.protocols, service: protocols.pop()}
-            return fields or None
-
-        self._update(change)
-
-    def _set_leaf(self, leaf: Leaf) -> None:
-        def change(snapshot: Snapshot) -> dict[str, Any] | None:
-            if snapshot.leaves.get(leaf.service) == leaf:
-                return None
-            return {"leaves": {**snapshot.leaves, leaf.service: leaf}}
-
-        with self._lock:
-            if self._snapshot.leaves.get(leaf.service) == leaf:
-                return
-        self.metrics.leaf_rotations.inc(service=leaf.service)
-        log.info("leaf certificate for %s: serial %s, valid until %s", leaf.service, leaf.serial, leaf.valid_before)
-        self._update(change)
+        return lambda instances: self._event(core.Upstreams(service, instances))
 
     def _set_istio(self, leaf: Leaf, roots: Roots) -> None:
-        self._update(
-            lambda snapshot: (
-                None
-                if (snapshot.istio_leaf, snapshot.istio_roots) == (leaf, roots)
-                else {"istio_leaf": leaf, "istio_roots": roots}
-            )
-        )
-
-    def _set_roots(self, roots: Roots) -> None:
-        self._update(lambda snapshot: None if snapshot.roots == roots else {"roots": roots})
-
-    def _set_intentions(self, rules: tuple[AuthorizationRule, ...]) -> None:
-        self._update(lambda snapshot: None if snapshot.intentions == rules else {"intentions": rules})
-
-    def _set_policy(self, raw: bytes | None) -> None:
-        self._latest_policy = raw
-        self._apply_settled("policy", self._commit_policy)
-
-    def _commit_policy(self) -> None:
-        raw = self._latest_policy
-        with self._lock:
-            have_policy = self._snapshot.policy != MeshPolicy()
-        if self._kept_through_grace("the mesh policy", "policy", raw is None and have_policy, self._commit_policy):
-            return
-        key = f"{self.config.consul.policy_prefix}/{POLICY_KEY}"
-        if raw is None:
-            policy = MeshPolicy()
-        else:
-            try:
-                policy = parse_policy_json(raw, f"Consul KV {key}")
-            except MeshvmError as exc:
-                # Refuse it, keep serving the last good policy, and make the refusal visible.
-                self.metrics.policy_valid.set(0)
-                self.metrics.errors.inc(kind="policy")
-                self._last_error = str(exc)
-                log.error("refusing the policy in Consul KV, keeping the last good one: %s", exc)
-                return
-        self.metrics.policy_valid.set(1)
-        if self._last_error.startswith("Consul KV"):
-            self._last_error = ""
-        self._update(lambda snapshot: None if snapshot.policy == policy else {"policy": policy})
+        self._event(core.IstioIdentity(leaf, roots))
 
     def _on_health(self, key: str, ok: bool, error: str) -> None:
-        with self._lock:
-            if ok:
-                self._watch_health.pop(key, None)
-            else:
-                self._watch_health[key] = error
-                self._last_consul_error = time.monotonic()
-            healthy = not self._watch_health
-        self.metrics.consul_up.set(1 if healthy else 0)
-        if not ok:
-            self.metrics.errors.inc(kind="consul")
+        self._event(core.WatchHealth(key, ok, error))
 
     # --- watches -------------------------------------------------------------------------------------------
 
@@ -276,12 +155,18 @@ class Agent:
     ) -> list[tuple[str, Callable[[Connection, int], Awaitable[tuple[int, Any]]], Callable[[Any], None]]]:
         """(key, fetch, apply) for everything the agent watches."""
         found: list[tuple[str, Callable[[Connection, int], Awaitable[tuple[int, Any]]], Callable[[Any], None]]] = [
-            ("roots", self._fetch_roots, self._set_roots),
-            ("policy", self._fetch_policy, self._set_policy),
-            ("intentions", self._fetch_intentions, self._set_intentions),
+            ("roots", self._fetch_roots, lambda roots: self._event(core.RootsAnswer(roots))),
+            ("policy", self._fetch_policy, lambda raw: self._event(core.PolicyAnswer(raw))),
+            ("intentions", self._fetch_intentions, lambda rules: self._event(core.Intentions(rules))),
         ]
         for service in self.config.services:
-            found.append((f"leaf:{service.name}", functools.partial(self._fetch_leaf, service.name), self._set_leaf))
+            found.append(
+                (
+                    f"leaf:{service.name}",
+                    functools.partial(self._fetch_leaf, service.name),
+                    lambda leaf: self._event(core.LeafAnswer(leaf)),
+                )
+            )
         for destination in sorted({u.service for s in self.config.services for u in s.upstreams}):
             found.append(
                 (
@@ -399,7 +284,8 @@ class Agent:
 
     def health(self) -> tuple[int, dict[str, Any]]:
         with self._lock:
-            consul_errors = dict(self._watch_health)
+            consul_errors = dict(self._state.unhealthy)
+            policy_error = self._state.policy_error
         last = self.metrics.last_sync.value()
         body: dict[str, Any] = {
             "rendered": self._rendered_once,
@@ -407,7 +293,7 @@ class Agent:
             "consul_reachable": not consul_errors,
             "consul_errors": consul_errors,
             "policy_valid": self.metrics.policy_valid.value() == 1,
-            "last_error": self._last_error or None,
+            "last_error": policy_error or self._last_error or None,
         }
         if self.istio is not None:
             body["istio"] = self.istio.status()

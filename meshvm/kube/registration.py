@@ -37,7 +37,8 @@ VM_LABEL = "meshvm.io/vm"
 SERVICE_LABEL = "meshvm.io/service"
 ACCOUNT_LABEL = "meshvm.io/service-account"
 SHARED_LABELS = (SERVICE_LABEL, ACCOUNT_LABEL)
-ISTIO = ("networking.istio.io", "v1")
+SLICE_MANAGER = "endpointslice.kubernetes.io/managed-by"
+MESHVM_SLICES = "meshvm.io"
 CONFLICT_RETRIES = 5
 PORT_NAMES = {"http": "http", "http2": "http2", "grpc": "grpc", "tcp": "tcp"}
 APP_PROTOCOLS = {"http": "http", "http2": "kubernetes.io/h2c", "grpc": "grpc"}
@@ -219,11 +220,7 @@ def _plain_service(svc: ServiceSpec, namespace: str) -> dict[str, Any]:
 
 
 def _endpoint_slice(vm: VmWorkload, svc: ServiceSpec, namespace: str) -> dict[str, Any]:
-    labels = {
-        **_labels(vm.host, svc.name),
-        "kubernetes.io/service-name": svc.name,
-        "endpointslice.kubernetes.io/managed-by": "meshvm.io",
-    }
+    labels = {**_labels(vm.host, svc.name), "kubernetes.io/service-name": svc.name, SLICE_MANAGER: MESHVM_SLICES}
     port = {k: v for k, v in _port(svc, svc.port).items() if k != "targetPort"}
     return {
         "apiVersion": "discovery.k8s.io/v1",
@@ -399,6 +396,10 @@ def managed(api: Any, namespace: str) -> list[dict[str, Any]]:
     found: list[dict[str, Any]] = []
     for kind in KINDS:
         for item in _call(f"listing {kind}", functools.partial(kinds.list, kind, namespace, selector)):
+            labels = item["metadata"].get("labels") or {}
+            # The EndpointSlice controller copies a Service's labels onto the (empty) slices it makes for it.
+            if kind == "EndpointSlice" and labels.get(SLICE_MANAGER) != MESHVM_SLICES:
+                continue
             found.append({**item, "kind": kind})
     return found
 

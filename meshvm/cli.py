@@ -225,10 +225,12 @@ Prefix = Annotated[str, typer.Option("--prefix", help="KV prefix of the mesh pol
 
 @app.command("validate")
 def validate_cmd(config: ConfigPath = Path("/etc/meshvm/agent.yaml")) -> None:
-    """Check an agent configuration; exit 2 naming the bad field."""
+    """Check an agent configuration, and every CA file it names (PEM certificates, none expired); exit 2 naming
+    the bad field or file."""
     from meshvm.config import load_config
 
     loaded = load_config(config)
+    loaded.check_files()
     out.print(f"{config}: ok ({len(loaded.services)} service(s): {', '.join(s.name for s in loaded.services)})")
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -239,6 +239,20 @@ class AgentConfig(Strict):
             raise ValueError(f"upstream {kubernetes[0]} is in the cluster's mesh: configure istio: to reach it")
         return self
 
+    def check_files(self) -> None:
+        """Every CA file this configuration names holds PEM certificates valid now. (The VM's own Istio key and
+        certificate are not checked here: they are the agent's to renew, and an expired one must not stop the
+        configuration that lets the agent get a new one.)"""
+        from meshvm import pki
+
+        if self.consul.ca_file is not None:
+            pki.check_certificates(self.consul.ca_file, "consul.ca_file")
+        istio = self.istio
+        if istio is None:
+            return
+        pki.check_certificates(istio.root_cert_file, "istio.root_cert_file")
+        pki.check_certificates(istio.kube_ca_file, "istio.kube_ca_file")
+
     def service(self, name: str) -> ServiceSpec:
         for service in self.services:
             if service.name == name:
@@ -260,13 +274,35 @@ def format_validation_error(source: str, error: ValidationError) -> str:
     return line.encode("unicode_escape").decode("ascii") if not line.isprintable() else line
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key written twice in one mapping is an error (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _value in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, list | dict):
+                continue  # unhashable: PyYAML reports it itself
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key {key!r} (first on line {seen[key] + 1}): remove one",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: Path, what: str) -> object:
+    """The YAML document in ``path``; a bad file (missing, unreadable, not YAML, a key given twice) is a
+    ConfigError naming the file and line."""
     try:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"{what} {path}: {exc.strerror}", hint="check the path") from exc
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""

@@ -1,15 +1,19 @@
-"""Small X.509 helpers: the lab's API-server certificates, and placeholder mesh certificates for offline renders."""
+"""Small X.509 helpers: checking the certificate files a configuration names, the lab's API-server certificates,
+and placeholder mesh certificates for offline renders."""
 
 from __future__ import annotations
 
 import datetime as dt
 import ipaddress
 from dataclasses import dataclass
+from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from meshvm.errors import ConfigError
 
 VALIDITY = dt.timedelta(days=30)
 
@@ -99,3 +103,24 @@ def issue(
 
 def spiffe_id(trust_domain: str, service: str, datacenter: str = "dc1") -> str:
     return f"spiffe://{trust_domain}/ns/default/dc/{datacenter}/svc/{service}"
+
+
+def check_certificates(path: Path, what: str, now: dt.datetime | None = None) -> list[x509.Certificate]:
+    """Every certificate in the PEM file ``path``; a ConfigError naming the file if it holds none, is not PEM, or
+    holds one that is expired or not yet valid."""
+    now = now or dt.datetime.now(dt.UTC)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: {exc.strerror}", hint="check the path") from exc
+    try:
+        certificates = x509.load_pem_x509_certificates(data)
+    except ValueError as exc:
+        raise ConfigError(f"{what} {path}: not a PEM certificate ({exc})") from exc
+    for cert in certificates:
+        subject = cert.subject.rfc4514_string() or "(no subject)"
+        if cert.not_valid_after_utc <= now:
+            raise ConfigError(f"{what} {path}: {subject} expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M}Z")
+        if cert.not_valid_before_utc > now:
+            raise ConfigError(f"{what} {path}: {subject} is not valid before {cert.not_valid_before_utc:%Y-%m-%d}")
+    return certificates

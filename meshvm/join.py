@@ -198,13 +198,15 @@ def _preflight_all(hosts: dict[str, InventoryHost], reports: dict[str, HostRepor
 
 
 def workload(host: InventoryHost) -> registration.VmWorkload:
-    """The VM as the cluster sees it: its ServiceAccount is ``meshvm_service_account``, else its first service."""
+    """The VM as the cluster sees it: its ServiceAccount is ``meshvm_service_account``, else its first service's
+    name (else the host's)."""
     variables = host.variables
     return registration.VmWorkload(
         host.name,
         host.address,
         host.services,
-        service_account=str(variables.get("meshvm_service_account") or host.services[0].name),
+        # No service at all: the playbook's checks stop such a host with their own message.
+        service_account=str(variables.get("meshvm_service_account") or (host.services or [host])[0].name),
         network=str(variables.get("meshvm_network", "")),
         locality=str(variables.get("meshvm_locality", "")),
         plaintext=bool(variables.get("meshvm_kubernetes_plaintext", False)),

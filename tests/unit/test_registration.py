@@ -117,3 +117,19 @@ def test_leaving_never_removes_meshvm_s_own_objects(monkeypatch: pytest.MonkeyPa
     assert ("Role", "meshvm-registrar") not in deleted
     assert ("ServiceAccount", "meshvm-registrar") not in deleted
     assert {("ServiceAccount", "api"), ("Role", "meshvm-token-api"), ("Service", "api")} <= set(deleted)
+
+
+def test_a_host_without_services_still_gets_a_workload_name() -> None:
+    from meshvm.inventory import InventoryHost
+    from meshvm.join import workload
+
+    bare = InventoryHost(name="ghost", address="198.51.100.99", user="root", port=22)
+    assert workload(bare).service_account == "ghost"
+    named = InventoryHost(
+        name="vm2", address="198.51.100.12", user="root", port=22, services=_vm().services, variables={}
+    )
+    assert workload(named).service_account == "api"
+    chosen = InventoryHost(
+        name="vm2", address="198.51.100.12", user="root", port=22, variables={"meshvm_service_account": "billing"}
+    )
+    assert workload(chosen).service_account == "billing"

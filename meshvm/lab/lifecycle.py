@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from meshvm import versions
 from meshvm.artifacts import cache_dir
 from meshvm.bootstrap import Bootstrap
 from meshvm.errors import MeshvmError, OperationFailedError, UsageError
@@ -239,7 +240,7 @@ def up(
     state_dir: Path = DEFAULT_STATE_DIR,
     cache: Path | None = None,
     inventory: Path | None = None,
-    envoy_version: str = artifacts.ENVOY_VERSION,
+    envoy_version: str = versions.ENVOY,
     fallback_debs: tuple[Path, ...] = (),
     keep_on_failure: bool = False,
 ) -> LabState:

@@ -286,11 +286,10 @@ def test_pod_calls_vm_by_kubernetes_name_over_istio_mtls(joined: LabState, istio
     # The VM's Envoy terminated Istio mTLS and passed the caller's Istio identity to the app.
     assert "URI=spiffe://cluster.local/ns/shop/sa/pod1" in body["caller"]
     assert "spiffe://cluster.local/ns/meshvm/sa/api" in _vm_identities(joined, "vm2")
-    # pod1's sidecar (configured by istiod) sends to the VM's mesh port, and over TLS.
+    # pod1's sidecar (configured by istiod) sends to the VM's mesh port (the caller identity above shows it was
+    # mTLS: the VM's Envoy sets it only from a client certificate it verified under Istio's root).
     clusters = envoy_admin(joined, "pod1", "/clusters")
     assert f"outbound|8080||api.meshvm.svc.cluster.local::{joined.host('vm2').address}:21000::" in clusters
-    stats = envoy_admin(joined, "pod1", "/stats?filter=outbound.8080..api.meshvm.*ssl.handshake$")
-    assert int(stats.strip().rsplit(" ", 1)[-1]) >= 1, stats
 
 
 def test_vm_calls_pod_over_istio_mtls_and_the_pod_side_authorizes_it(joined: LabState, istio_objects: Any) -> None:

@@ -176,6 +176,7 @@ def _write_access_files(lab: LabState, known_hosts: list[str], inventory: Path) 
         **lab_bootstrap(lab).ansible_vars(),
         "meshvm_policy_consul_http_addr": lab.consul.http_addr,
         "meshvm_policy_consul_token": lab.consul.management_token,
+        **_istio_vars(lab),
     }
     atomic_write(
         lab_vars_path(inventory),
@@ -183,6 +184,21 @@ def _write_access_files(lab: LabState, known_hosts: list[str], inventory: Path) 
         + yaml.safe_dump(lab_vars, sort_keys=False),
         mode=0o600,
     )
+
+
+def _istio_vars(lab: LabState) -> dict[str, str]:
+    """What inventories/lab-istio needs to run enroll.yml on VMs that joined the cluster's Istio mesh (join passes
+    the same itself): where istiod and the API server are, their roots. Not the VMs' tokens: they keep their own."""
+    if lab.kube is None:
+        return {}
+    material = lab_bootstrap(lab)
+    root = pods.istio_root(api_client(Path(lab.kube.kubeconfig), context="lab-admin"), kube.NAMESPACE)
+    return {
+        "meshvm_lab_istiod_address": str(material.istiod_address),
+        "meshvm_lab_kube_api": str(material.kube_api),
+        "meshvm_agent_istio_kube_ca": str(material.kube_ca_pem),
+        "meshvm_agent_istio_root_cert": root,
+    }
 
 
 def lab_bootstrap(lab: LabState) -> Bootstrap:

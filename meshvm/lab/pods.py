@@ -17,6 +17,7 @@ A lab pod is a network namespace on the lab bridge, plus what the kubelet and Is
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -328,21 +329,19 @@ def app_ready(pod: Pod) -> bool:
 
 
 def wait_ready(pod: Pod) -> None:
+    """The sidecar's readiness, then the app's (each failure names the process's log)."""
     logs = Path(pod.root).parent
-    wait_until(
-        f"pod {pod.name}: sidecar",
-        lambda: sidecar_ready(pod),
-        timeout=READY_TIMEOUT,
-        log_path=logs / "istio-proxy.log",
-        pid=pod.sidecar_pid,
-    )
-    wait_until(
-        f"pod {pod.name}: app",
-        lambda: app_ready(pod),
-        timeout=READY_TIMEOUT,
-        log_path=logs / "app.log",
-        pid=pod.app_pid,
-    )
+    for what, ready, log_name, pid in (
+        ("sidecar", sidecar_ready, "istio-proxy.log", pod.sidecar_pid),
+        ("app", app_ready, "app.log", pod.app_pid),
+    ):
+        wait_until(
+            f"pod {pod.name}: {what}",
+            functools.partial(ready, pod),
+            timeout=READY_TIMEOUT,
+            log_path=logs / log_name,
+            pid=pid,
+        )
 
 
 def stop_processes(pod: Pod) -> None:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import subprocess
-import time
 from collections.abc import Callable
 from typing import Any
 
 from meshvm.lab import pods
 from meshvm.lab.state import LabState
+from tests.support.mesh import wait_for
 
 
 def in_pod(lab: LabState, name: str, *argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -25,15 +25,10 @@ def curl(lab: LabState, name: str, url: str) -> tuple[int, str]:
 
 
 def eventually(what: str, probe: Callable[[], Any], *, timeout: float = 30.0) -> Any:
-    """Poll until ``probe`` returns something truthy (configuration takes a moment to reach every sidecar)."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(0.5)
-    raise AssertionError(f"{what}: not after {timeout:.0f}s (last: {last!r})")
+    """What ``probe`` returns once it is truthy (configuration takes a moment to reach every sidecar)."""
+    seen: list[Any] = []
+    wait_for(what, lambda: seen.append(probe()) or seen[-1], timeout=timeout, interval=0.5)
+    return seen[-1]
 
 
 def curl_until(lab: LabState, name: str, url: str, status: int, *, timeout: float = 30.0) -> str:

@@ -616,7 +616,7 @@ def status_cmd(
         sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
         healthy = all(h["ok"] for h in data["hosts"])
     else:
-        rows = [HostReport(**{k: v for k, v in h.items() if k != "healthy"}) for h in data["hosts"]]
+        rows = [HostReport(**{k: v for k, v in h.items() if k not in {"healthy", "istio"}}) for h in data["hosts"]]
         healthy = _report_table("meshvm status", rows, changes=False)
         for host, objects in sorted(data["stale"].items()):
             err.print(

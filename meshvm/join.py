@@ -47,14 +47,19 @@ class HostReport:
     consul_checks: int = 0
     envoy: str = "-"
     identities: list[str] = field(default_factory=list)  # Consul services with a mesh certificate in Envoy
-    istio: str = ""  # the Istio identity Envoy presents, and until when ("" when the VM is not in Istio's mesh)
-    expiry: dict[str, str] = field(default_factory=dict)  # identity -> expiry of the certificate Envoy holds
+    expiry: dict[str, str] = field(default_factory=dict)  # SPIFFE ID -> expiry of each certificate Envoy holds
     kubernetes: list[str] = field(default_factory=list)
     changed: int = 0  # tasks the playbook changed on this host (0 on a re-run of a joined host)
     istio_expected: bool = False
 
     def fail(self, step: str, error: str) -> None:
         self.ok, self.step, self.error = False, step, error
+
+    @property
+    def istio(self) -> str:
+        """The Istio identity Envoy presents and until when; "" when the VM holds none."""
+        found = [uri for uri in self.expiry if "/sa/" in uri]
+        return f"{found[0]} until {self.expiry[found[0]]}" if found else ""
 
     @property
     def healthy(self) -> bool:
@@ -138,8 +143,6 @@ def observe(host: InventoryHost, consul: ConsulClient | None, report: HostReport
         certs = remote.run("curl", "-s", "--max-time", "3", f"{admin}/certs").out
     report.expiry = envoy_identities(certs)
     report.identities = [s.name for s in host.services if any(i.endswith(f"/svc/{s.name}") for i in report.expiry)]
-    istio = [i for i in report.expiry if "/sa/" in i]
-    report.istio = f"{istio[0]} until {report.expiry[istio[0]]}" if istio else ""
     checks = consul.node_checks(host.name) if consul is not None else []
     ours = {s.name for s in host.services}
     wanted = [
@@ -247,10 +250,10 @@ def _register(
 
 @dataclass(frozen=True)
 class IstioMaterial:
-    """What every VM joining the cluster's Istio mesh gets: Istio's root and the API server's CA."""
+    """What every VM joining the cluster's Istio mesh gets: Istio's root, and the bootstrap material that names
+    istiod and the API server (with its CA)."""
 
     root_pem: str
-    kube_ca_pem: str
     material: bootstrap_mod.Bootstrap
 
 
@@ -258,8 +261,8 @@ def _istio_material(target: Target, material: bootstrap_mod.Bootstrap) -> IstioM
     """Checked before anything is applied: the bootstrap names istiod and the API server, istiod has a root here."""
     if target.mesh != "istio":
         return None
-    _address, _api, kube_ca = kube_identity.require_istio(material, "the bootstrap material")
-    return IstioMaterial(kube_identity.root_certificate(target.api(), target.namespace), kube_ca, material)
+    kube_identity.require_istio(material, "the bootstrap material")
+    return IstioMaterial(kube_identity.root_certificate(target.api(), target.namespace), material)
 
 
 def _istio_host_vars(
@@ -350,7 +353,10 @@ def join(
     host_vars: dict[str, dict[str, Any]] = {}
     if istio is not None and ready:
         host_vars = _istio_host_vars(target, hosts, ready, istio, reports, check=check)
-        extravars |= {"meshvm_agent_istio_root_cert": istio.root_pem, "meshvm_agent_istio_kube_ca": istio.kube_ca_pem}
+        extravars |= {
+            "meshvm_agent_istio_root_cert": istio.root_pem,
+            "meshvm_agent_istio_kube_ca": istio.material.kube_ca_pem,
+        }
         ready = [n for n in ready if reports[n].ok]
     if ready:
         run = playbooks.run(
@@ -433,7 +439,7 @@ def status(target: Target, *, bootstrap_file: Path | None = None) -> dict[str, A
     with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
         rows = list(pool.map(one, sorted(hosts)))
     stale = {h: objs for h, objs in objects.items() if h not in hosts}
-    return {"hosts": [asdict(r) | {"healthy": r.healthy} for r in rows], "stale": stale}
+    return {"hosts": [asdict(r) | {"healthy": r.healthy, "istio": r.istio} for r in rows], "stale": stale}
 
 
 def prune(target: Target) -> list[str]:

@@ -159,7 +159,10 @@ class IstioIdentity:
     # --- the loop --------------------------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
-        self.load()
+        try:
+            self.load()
+        except MeshvmError as exc:  # an unreadable root or token: renewing below says what is wrong, and retries
+            log.warning("Istio identity: could not load what is on disk: %s", exc)
         while not stop.is_set():
             now = self.clock()
             step_plan = renewal.plan(self.state, now)

@@ -162,8 +162,9 @@ class ConsulClient:
         _index, checks = self._call(f"health of node {node}", functools.partial(self.api.health.node, node))
         return list(checks or [])
 
-    def create_acl_token(self, name: str, rules: str, description: str) -> str:
-        """The ACL policy ``name`` with ``rules`` (made if missing) and a new token holding it; returns its secret."""
+    def create_acl_token(self, name: str, rules: dict[str, Any], description: str) -> str:
+        """The ACL policy ``name`` with ``rules`` (Consul's rules in their JSON form, made if missing) and a new token
+        holding it; returns the token's secret."""
         existing = {p["Name"] for p in self._call("listing ACL policies", self.api.acl.policy.list)}
         if name not in existing:
             self._call(f"creating ACL policy {name}", functools.partial(self.api.acl.policy.create, name, rules=rules))

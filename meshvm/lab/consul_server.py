@@ -23,12 +23,12 @@ log = logging.getLogger(__name__)
 DATACENTER = "lab"
 # What an enrolled VM may do: register itself and its services, read the catalog and the mesh policy.
 VM_POLICY_NAME = "meshvm-vm"
-VM_POLICY_RULES = """
-node_prefix "" { policy = "write" }
-service_prefix "" { policy = "write" }
-agent_prefix "" { policy = "read" }
-key_prefix "meshvm/" { policy = "read" }
-"""
+VM_POLICY_RULES = {
+    "node_prefix": {"": {"policy": "write"}},
+    "service_prefix": {"": {"policy": "write"}},
+    "agent_prefix": {"": {"policy": "read"}},
+    "key_prefix": {"meshvm/": {"policy": "read"}},
+}
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,14 @@ def test_consul_has_nothing_of_vm3(consul: Any) -> None:
     def gone() -> bool:
         return consul("/v1/catalog/node/vm3") is None
 
-    wait_for("vm3 deregistered from the catalog", gone, timeout=30)
+    # Consul's leader removes a node that left when it processes the leave; on a busy 2-core machine (CI, right
+    # after another scenario) that once took longer than 30 s. What it still holds is shown if it never goes.
+    wait_for(
+        "vm3 deregistered from the catalog",
+        gone,
+        timeout=90,
+        describe=lambda: (consul("/v1/catalog/node/vm3"), consul("/v1/agent/members")),
+    )
     for service in ("api", "api-sidecar-proxy"):
         nodes = {entry["Node"] for entry in consul(f"/v1/catalog/service/{service}")}
         assert nodes == {"vm2"}, f"{service} is registered on {nodes}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -118,32 +119,29 @@ def lab_reset(
     err.print(f"meshvm: reset {', '.join(done)}")
 
 
+class LabPeer(StrEnum):
+    """Peers of the lab that can be stopped and started on their own."""
+
+    istiod = "istiod"
+
+
+Peer = Annotated[LabPeer, typer.Argument(help="The peer (istiod).")]
+
+
 @lab_app.command("stop")
-def lab_stop(
-    peer: Annotated[str, typer.Argument(help="The peer to stop: istiod.")],
-    state_dir: StateDir = Path("/var/lib/meshvm-lab"),
-) -> None:
+def lab_stop(peer: Peer, state_dir: StateDir = Path("/var/lib/meshvm-lab")) -> None:
     """Stop one peer of the lab, to see how the mesh does without it (`meshvm lab start` brings it back)."""
     from meshvm import lab
-    from meshvm.errors import UsageError
 
-    if peer != "istiod":
-        raise UsageError(f"meshvm lab stop {peer}: only istiod can be stopped and started on its own")
     lab.stop_istiod(state_dir=state_dir)
-    err.print("meshvm: istiod stopped")
+    err.print(f"meshvm: {peer.value} stopped")
 
 
 @lab_app.command("start")
-def lab_start(
-    peer: Annotated[str, typer.Argument(help="The peer to start again: istiod.")],
-    state_dir: StateDir = Path("/var/lib/meshvm-lab"),
-) -> None:
+def lab_start(peer: Peer, state_dir: StateDir = Path("/var/lib/meshvm-lab")) -> None:
     """Start a peer `meshvm lab stop` stopped."""
     from meshvm import lab
-    from meshvm.errors import UsageError
 
-    if peer != "istiod":
-        raise UsageError(f"meshvm lab start {peer}: only istiod can be stopped and started on its own")
     started = lab.start_istiod(state_dir=state_dir)
     err.print(f"meshvm: istiod running (pid {started.pid}, ready)")
 

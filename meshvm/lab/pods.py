@@ -25,8 +25,6 @@ import shutil
 import signal
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,7 +34,7 @@ from meshvm.fsutil import atomic_write
 from meshvm.kube import client
 from meshvm.lab import istiod, network
 from meshvm.lab.kube import NODE
-from meshvm.lab.procs import alive, run, spawn, stop, wait_until
+from meshvm.lab.procs import alive, http_ok, run, spawn, stop, wait_until
 from meshvm.lab.state import IstiodInfo, Pod
 
 log = logging.getLogger(__name__)
@@ -308,24 +306,14 @@ def start_processes(pod: Pod, lab_istiod: IstiodInfo) -> Pod:
     return pod.model_copy(update={"sidecar_pid": sidecar, "app_pid": app})
 
 
-def _get(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 - a lab pod's status port
-            return int(response.status)
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except (urllib.error.URLError, OSError):
-        return 0
-
-
 def sidecar_ready(pod: Pod) -> bool:
     """Envoy has its listeners, clusters and certificate from istiod (Istio's readiness probe)."""
-    return _get(f"http://{pod.address}:{SIDECAR_STATUS_PORT}/healthz/ready") == 200
+    return http_ok(f"http://{pod.address}:{SIDECAR_STATUS_PORT}/healthz/ready")()
 
 
 def app_ready(pod: Pod) -> bool:
     """The app's readiness, through pilot-agent's probe rewrite (a plain probe would meet STRICT mTLS)."""
-    return _get(f"http://{pod.address}:{AGENT_STATUS_PORT}{APP_PROBE}") == 200
+    return http_ok(f"http://{pod.address}:{AGENT_STATUS_PORT}{APP_PROBE}")()
 
 
 def wait_ready(pod: Pod) -> None:

@@ -139,7 +139,10 @@ def test_web_on_vm1_reaches_api_on_vm2_over_mtls(vm: Any) -> None:
         return body if body["hostname"] == "vm2" else None
 
     body = wait_for("a request from vm1 through its Envoy answered by vm2", answer_from_vm2, timeout=30, interval=0.2)
+    caller = body.pop("caller")
     assert body == {"hostname": "vm2", "service": "api", "path": "/hello"}
+    # vm2's Envoy verified web's certificate and told the app who called.
+    assert caller.endswith("/svc/web"), caller
     # Envoy pools its upstream connections, so count TLS handshakes at all, on both ends, not per request.
     assert _counter(vm1, "cluster.out.web.api.ssl.handshake") > 0, "vm1's connections to api are not TLS"
     assert _counter(vm2, f"listener.0.0.0.0_{MESH_PORT}.ssl.handshake") > 0, "vm2's mesh port saw no TLS handshake"

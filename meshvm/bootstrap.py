@@ -83,22 +83,20 @@ def from_cluster(api: Any, namespace: str) -> Bootstrap:
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
 
+    from meshvm.kube.client import call
+
     core = client.CoreV1Api(api)
+    what = f"reading {namespace}/{NAME}"
     try:
-        config_map = core.read_namespaced_config_map(NAME, namespace).data or {}
-        secret = core.read_namespaced_secret(NAME, namespace).data or {}
+        config_map = call(what, lambda: core.read_namespaced_config_map(NAME, namespace)).data or {}
+        secret = call(what, lambda: core.read_namespaced_secret(NAME, namespace)).data or {}
     except ApiException as exc:
         if exc.status == 404:
             raise ConfigError(
                 f"no bootstrap material in namespace {namespace}: ConfigMap and Secret {NAME} are needed",
                 hint="create them (see README, `meshvm lab up` does in the lab) or pass --bootstrap FILE",
             ) from exc
-        if exc.status == 403:
-            raise OperationFailedError(
-                f"Kubernetes refused reading {NAME} in {namespace}: 403 forbidden",
-                hint="apply `meshvm rbac` for this identity",
-            ) from exc
-        raise
+        raise OperationFailedError(f"{what}: {exc.status} {exc.reason}") from exc
     data: dict[str, Any] = dict(config_map)
     if "retry_join" in data:
         data["retry_join"] = [a for a in str(data["retry_join"]).split(",") if a]

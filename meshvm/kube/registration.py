@@ -22,12 +22,13 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from meshvm.config import ServiceSpec
-from meshvm.errors import ConfigError, OperationFailedError, PeerUnreachableError
+from meshvm.errors import ConfigError, OperationFailedError
+from meshvm.kube.client import call
 from meshvm.kube.rbac import MANAGED_BY
 
 log = logging.getLogger(__name__)
@@ -261,7 +262,7 @@ class Kinds:
         from kubernetes import dynamic
 
         if self._dynamic is None:
-            self._dynamic = _call("reading the API's discovery", lambda: dynamic.DynamicClient(self.api))
+            self._dynamic = call("reading the API's discovery", lambda: dynamic.DynamicClient(self.api))
         return self._dynamic.resources.get(api_version=API_VERSIONS[kind], kind=kind)
 
     def read(self, kind: str, ns: str, name: str) -> dict[str, Any]:
@@ -293,27 +294,6 @@ def _api_exception() -> type[Exception]:
     return ApiException
 
 
-def _call(what: str, fn: Callable[[], Any]) -> Any:
-    from urllib3.exceptions import HTTPError
-
-    try:
-        return fn()
-    except _api_exception() as exc:
-        if getattr(exc, "status", None) == 403:
-            raise OperationFailedError(
-                f"Kubernetes refused {what}: 403 forbidden",
-                hint="grant the identity `meshvm rbac` (or use a kubeconfig that has it)",
-            ) from exc
-        if getattr(exc, "status", None) == 401:
-            raise ConfigError(
-                f"Kubernetes did not accept the kubeconfig's credentials ({what}): 401 unauthorized",
-                hint="the token or certificate is expired or revoked: get a current kubeconfig",
-            ) from exc
-        raise
-    except HTTPError as exc:
-        raise PeerUnreachableError(f"kube-apiserver unreachable ({what}): {exc}") from exc
-
-
 def _same(current: dict[str, Any], wanted: dict[str, Any]) -> bool:
     """Whether ``current`` already has everything ``wanted`` says (the server adds defaults we do not compare)."""
 
@@ -339,7 +319,7 @@ def upsert(kinds: Kinds, obj: dict[str, Any]) -> str:
     if kind == "Secret":
         # A token Secret holds nothing and never changes; the registrar may create it but not read it.
         try:
-            _call(f"creating {kind}/{name}", lambda: kinds.create(obj))
+            call(f"creating {kind}/{name}", lambda: kinds.create(obj))
         except api_exception as exc:
             if getattr(exc, "status", None) == 409:
                 return "unchanged"
@@ -347,12 +327,12 @@ def upsert(kinds: Kinds, obj: dict[str, Any]) -> str:
         return "created"
     for _attempt in range(CONFLICT_RETRIES):
         try:
-            current = _call(f"reading {kind}/{name}", lambda: kinds.read(kind, ns, name))
+            current = call(f"reading {kind}/{name}", lambda: kinds.read(kind, ns, name))
         except api_exception as exc:
             if getattr(exc, "status", None) != 404:
                 raise
             try:
-                _call(f"creating {kind}/{name}", lambda: kinds.create(obj))
+                call(f"creating {kind}/{name}", lambda: kinds.create(obj))
             except api_exception as created:
                 if getattr(created, "status", None) == 409:
                     continue  # created by someone else meanwhile: read and compare again
@@ -365,7 +345,7 @@ def upsert(kinds: Kinds, obj: dict[str, Any]) -> str:
             # clusterIP is immutable and allocated by the server: keep it.
             update["spec"] = {**obj["spec"], "clusterIP": current["spec"].get("clusterIP")}
         try:
-            _call(f"updating {kind}/{name}", functools.partial(kinds.replace, update))
+            call(f"updating {kind}/{name}", functools.partial(kinds.replace, update))
         except api_exception as exc:
             if getattr(exc, "status", None) == 409:
                 time.sleep(0.1)
@@ -395,7 +375,7 @@ def managed(api: Any, namespace: str) -> list[dict[str, Any]]:
     selector = ",".join(f"{k}={v}" for k, v in MANAGED_BY.items())
     found: list[dict[str, Any]] = []
     for kind in KINDS:
-        for item in _call(f"listing {kind}", functools.partial(kinds.list, kind, namespace, selector)):
+        for item in call(f"listing {kind}", functools.partial(kinds.list, kind, namespace, selector)):
             labels = item["metadata"].get("labels") or {}
             # The EndpointSlice controller copies a Service's labels onto the (empty) slices it makes for it.
             if kind == "EndpointSlice" and labels.get(SLICE_MANAGER) != MESHVM_SLICES:
@@ -414,7 +394,7 @@ def remove_hosts(api: Any, namespace: str, hosts: set[str]) -> list[Change]:
 
     def delete(kind: str, name: str) -> bool:
         try:
-            _call(f"deleting {kind}/{name}", functools.partial(kinds.delete, kind, namespace, name))
+            call(f"deleting {kind}/{name}", functools.partial(kinds.delete, kind, namespace, name))
         except _api_exception() as exc:
             if getattr(exc, "status", None) == 404:
                 return False

@@ -7,9 +7,10 @@ from typing import Any
 import pytest
 
 from meshvm.config import ServiceSpec
-from meshvm.errors import ConfigError
+from meshvm.errors import ConfigError, OperationFailedError, PeerUnreachableError
 from meshvm.join import envoy_identities
 from meshvm.kube import registration as reg
+from meshvm.kube.client import call
 
 
 def _vm(host: str = "vm2", *, plaintext: bool = False) -> reg.VmWorkload:
@@ -133,3 +134,43 @@ def test_a_host_without_services_still_gets_a_workload_name() -> None:
         name="vm2", address="198.51.100.12", user="root", port=22, variables={"meshvm_service_account": "billing"}
     )
     assert workload(chosen).service_account == "billing"
+
+
+@pytest.mark.parametrize(
+    ("status", "error", "exit_code", "words"),
+    [
+        (401, ConfigError, 2, "401 unauthorized"),
+        (403, OperationFailedError, 1, "403 forbidden"),
+    ],
+)
+def test_api_errors_no_caller_can_handle_become_one_line(status: int, error: type, exit_code: int, words: str) -> None:
+    from kubernetes.client.exceptions import ApiException
+
+    def refused() -> None:
+        raise ApiException(status=status, reason="refused")
+
+    with pytest.raises(error) as raised:
+        call("reading shop/x", refused)
+    assert raised.value.exit_code == exit_code
+    assert words in str(raised.value)
+    assert "reading shop/x" in str(raised.value)
+    assert "\n" not in str(raised.value)
+
+
+def test_api_errors_the_caller_handles_pass_through_and_an_unreachable_server_is_exit_3() -> None:
+    from kubernetes.client.exceptions import ApiException
+    from urllib3.exceptions import NewConnectionError
+
+    def missing() -> None:
+        raise ApiException(status=404, reason="Not Found")
+
+    with pytest.raises(ApiException):
+        call("reading shop/x", missing)
+
+    def away() -> None:
+        raise NewConnectionError(None, "connection refused")
+
+    with pytest.raises(PeerUnreachableError) as raised:
+        call("reading shop/x", away)
+    assert raised.value.exit_code == 3
+    assert call("reading shop/x", lambda: 7) == 7

@@ -25,7 +25,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from meshvm.kube import client
 from meshvm.lab import istiod, network
 from meshvm.lab.kube import NODE
 from meshvm.lab.procs import alive, http_ok, run, spawn, stop, wait_until
-from meshvm.lab.state import IstiodInfo, Pod
+from meshvm.lab.state import IstiodInfo, LabState, Pod
 
 log = logging.getLogger(__name__)
 
@@ -288,22 +288,39 @@ def start_processes(pod: Pod, lab_istiod: IstiodInfo) -> Pod:
         env=sidecar_environment(pod, lab_istiod),
         cwd=root,
     )
-    app = spawn(
-        in_pod(
-            pod,
-            [
-                sys.executable,
-                "-m",
-                "meshvm.lab.podapp",
-                f"--name={pod.name}",
-                f"--namespace={pod.namespace}",
-                f"--http-port={HTTP_PORT}",
-                f"--grpc-port={GRPC_PORT}",
-            ],
-        ),
-        log_path=logs / "app.log",
-    )
+    app = spawn(in_pod(pod, app_argv(pod)), log_path=logs / "app.log")
     return pod.model_copy(update={"sidecar_pid": sidecar, "app_pid": app})
+
+
+def app_argv(pod: Pod) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "meshvm.lab.podapp",
+        f"--name={pod.name}",
+        f"--namespace={pod.namespace}",
+        f"--http-port={HTTP_PORT}",
+        f"--grpc-port={GRPC_PORT}",
+    ]
+
+
+@contextlib.contextmanager
+def app_replaced(lab: LabState, name: str, argv: Sequence[str]) -> Iterator[Pod]:
+    """Run ``argv`` in the pod in place of its app (a benchmark's server on the app's port), then put the app back:
+    started again, ready, and its new pid saved in the lab's state so `lab down` stops it."""
+    pod = lab.pod(name)
+    logs = Path(pod.root).parent
+    if pod.app_pid is not None and alive(pod.app_pid):
+        stop(pod.app_pid, timeout=10)
+    stand_in = spawn(in_pod(pod, argv), log_path=logs / "app-replaced.log")
+    try:
+        yield pod
+    finally:
+        stop(stand_in, timeout=10)
+        pod = pod.model_copy(update={"app_pid": spawn(in_pod(pod, app_argv(pod)), log_path=logs / "app.log")})
+        lab.pods = [pod if p.name == name else p for p in lab.pods]
+        lab.save()
+        wait_until(f"pod {name}: app", functools.partial(app_ready, pod), timeout=READY_TIMEOUT, pid=pod.app_pid)
 
 
 def sidecar_ready(pod: Pod) -> bool:

@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from meshvm.config import format_validation_error, load_yaml
-from meshvm.errors import ConfigError, OperationFailedError
+from meshvm.errors import ConfigError
 from meshvm.values import Duration
 
 NAME = "meshvm-bootstrap"
@@ -81,23 +81,18 @@ def from_file(path: Path) -> Bootstrap:
 
 def from_cluster(api: Any, namespace: str) -> Bootstrap:
     from kubernetes import client
-    from kubernetes.client.exceptions import ApiException
 
-    from meshvm.kube.client import call
+    from meshvm.kube.client import call_or_fail
 
     core = client.CoreV1Api(api)
     what = f"reading {namespace}/{NAME}"
-    try:
-        config_map = call(what, lambda: core.read_namespaced_config_map(NAME, namespace)).data or {}
-        secret = call(what, lambda: core.read_namespaced_secret(NAME, namespace)).data or {}
-    except ApiException as exc:
-        if exc.status == 404:
-            raise ConfigError(
-                f"no bootstrap material in namespace {namespace}: ConfigMap and Secret {NAME} are needed",
-                hint="create them (see README, `meshvm lab up` does in the lab) or pass --bootstrap FILE",
-            ) from exc
-        raise OperationFailedError(f"{what}: {exc.status} {exc.reason}") from exc
-    data: dict[str, Any] = dict(config_map)
+    missing = ConfigError(
+        f"no bootstrap material in namespace {namespace}: ConfigMap and Secret {NAME} are needed",
+        hint="create them (see README, `meshvm lab up` does in the lab) or pass --bootstrap FILE",
+    )
+    config_map = call_or_fail(what, lambda: core.read_namespaced_config_map(NAME, namespace), not_found=missing)
+    secret = call_or_fail(what, lambda: core.read_namespaced_secret(NAME, namespace), not_found=missing).data or {}
+    data: dict[str, Any] = dict(config_map.data or {})
     if "retry_join" in data:
         data["retry_join"] = [a for a in str(data["retry_join"]).split(",") if a]
     for key in SECRET_KEYS:

@@ -98,21 +98,8 @@ class ConsulClient:
             meta = {**service.meta, "protocol": service.protocol, "managed-by": "meshvm"}
             if service.version:
                 meta["version"] = service.version
-            check = self._app_check(service, service.check)
-            self._call(
-                f"registering {service.name}",
-                functools.partial(
-                    self.api.agent.service.register,
-                    service.name,
-                    service_id=service.name,
-                    address=config.address,
-                    port=service.port,
-                    tags=service.tags,
-                    meta=meta,
-                    check=check,
-                    replace_existing_checks=True,
-                ),
-            )
+            common = {"address": config.address, "tags": service.tags, "meta": meta, "replace_existing_checks": True}
+            self._register(service.name, port=service.port, check=self._app_check(service, service.check), **common)
             sidecar_checks = [
                 {
                     "Name": f"{service.name} sidecar listener",
@@ -132,23 +119,20 @@ class ConsulClient:
                     for u in service.upstreams
                 ],
             }
-            self._call(
-                f"registering {service.sidecar_id}",
-                functools.partial(
-                    self.api.agent.service.register,
-                    service.sidecar_id,
-                    service_id=service.sidecar_id,
-                    address=config.address,
-                    port=service.mesh_port,
-                    tags=service.tags,
-                    meta=meta,
-                    check={"Name": f"{service.name} application alive", "AliasService": service.name},
-                    extra_checks=sidecar_checks,
-                    kind="connect-proxy",
-                    proxy=proxy,
-                    replace_existing_checks=True,
-                ),
+            self._register(
+                service.sidecar_id,
+                port=service.mesh_port,
+                check={"Name": f"{service.name} application alive", "AliasService": service.name},
+                extra_checks=sidecar_checks,
+                kind="connect-proxy",
+                proxy=proxy,
+                **common,
             )
+
+    def _register(self, service_id: str, **fields: Any) -> None:
+        """One service in the local agent, under ``service_id`` as both its name and its id."""
+        register = functools.partial(self.api.agent.service.register, service_id, service_id=service_id, **fields)
+        self._call(f"registering {service_id}", register)
 
     def deregister(self, config: AgentConfig) -> None:
         for service in config.services:

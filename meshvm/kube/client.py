@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from meshvm.errors import ConfigError, OperationFailedError, PeerUnreachableError
+from meshvm.errors import ConfigError, MeshvmError, OperationFailedError, PeerUnreachableError
 
 log = logging.getLogger(__name__)
 FIELD_MANAGER = "meshvm"
@@ -52,6 +52,21 @@ def call(what: str, fn: Callable[[], T], *, forbidden_hint: str = RBAC_HINT) -> 
         raise
     except HTTPError as exc:
         raise PeerUnreachableError(f"kube-apiserver unreachable ({what}): {exc}") from exc
+
+
+def call_or_fail(
+    what: str, fn: Callable[[], T], *, not_found: MeshvmError | None = None, forbidden_hint: str = RBAC_HINT
+) -> T:
+    """:func:`call`, with every other API error one line too: 404 as ``not_found`` when given, the rest as an
+    operation that failed."""
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        return call(what, fn, forbidden_hint=forbidden_hint)
+    except ApiException as exc:
+        if exc.status == 404 and not_found is not None:
+            raise not_found from exc
+        raise OperationFailedError(f"{what}: {exc.status} {exc.reason}") from exc
 
 
 def apply(api: Any, manifests: list[dict[str, Any]]) -> list[str]:

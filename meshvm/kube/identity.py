@@ -7,7 +7,7 @@ from typing import Any
 
 from meshvm.bootstrap import Bootstrap
 from meshvm.errors import ConfigError, OperationFailedError, PeerUnreachableError
-from meshvm.kube.client import call
+from meshvm.kube.client import call_or_fail
 from meshvm.kube.registration import VmWorkload, token_secret
 
 ROOT_CONFIGMAP = "istio-ca-root-cert"
@@ -45,19 +45,17 @@ def settings(material: Bootstrap, vm: VmWorkload, namespace: str) -> dict[str, A
 def root_certificate(api: Any, namespace: str) -> str:
     """Istio's root, from the ConfigMap istiod writes into every namespace (none: there is no istiod)."""
     from kubernetes import client
-    from kubernetes.client.exceptions import ApiException
 
-    what = f"reading {namespace}/{ROOT_CONFIGMAP}"
-    try:
-        data = call(what, lambda: client.CoreV1Api(api).read_namespaced_config_map(ROOT_CONFIGMAP, namespace)).data
-    except ApiException as exc:
-        if exc.status == 404:
-            raise PeerUnreachableError(
-                f"no {ROOT_CONFIGMAP} ConfigMap in namespace {namespace}: istiod has not published its root here",
-                hint="is istiod running, and does the namespace exist?",
-            ) from exc
-        raise OperationFailedError(f"{what}: {exc.status} {exc.reason}") from exc
-    data = data or {}
+    missing = PeerUnreachableError(
+        f"no {ROOT_CONFIGMAP} ConfigMap in namespace {namespace}: istiod has not published its root here",
+        hint="is istiod running, and does the namespace exist?",
+    )
+    found = call_or_fail(
+        f"reading {namespace}/{ROOT_CONFIGMAP}",
+        lambda: client.CoreV1Api(api).read_namespaced_config_map(ROOT_CONFIGMAP, namespace),
+        not_found=missing,
+    )
+    data = found.data or {}
     root = str(data.get("root-cert.pem", ""))
     if "BEGIN CERTIFICATE" not in root:
         raise OperationFailedError(f"{namespace}/{ROOT_CONFIGMAP} holds no root-cert.pem")
@@ -67,7 +65,6 @@ def root_certificate(api: Any, namespace: str) -> str:
 def first_token(api: Any, namespace: str, vm: VmWorkload, seconds: int) -> str:
     """A token of the VM's ServiceAccount for the API server, bound to the VM's Secret: what the VM renews itself."""
     from kubernetes import client
-    from kubernetes.client.exceptions import ApiException
 
     request = {
         "apiVersion": "authentication.k8s.io/v1",
@@ -78,13 +75,9 @@ def first_token(api: Any, namespace: str, vm: VmWorkload, seconds: int) -> str:
         },
     }
     core: Any = client.CoreV1Api(api)
-    what = f"a token for {namespace}/{vm.service_account}"
-    try:
-        answer = call(
-            what,
-            lambda: core.create_namespaced_service_account_token(vm.service_account, namespace, request),
-            forbidden_hint="the registrar needs `meshvm rbac` (serviceaccounts/token create)",
-        )
-    except ApiException as exc:
-        raise OperationFailedError(f"Kubernetes refused {what}: {exc.status} {exc.reason}") from exc
+    answer = call_or_fail(
+        f"a token for {namespace}/{vm.service_account}",
+        lambda: core.create_namespaced_service_account_token(vm.service_account, namespace, request),
+        forbidden_hint="the registrar needs `meshvm rbac` (serviceaccounts/token create)",
+    )
     return str(answer.status.token)

@@ -10,7 +10,7 @@ from meshvm.config import ServiceSpec
 from meshvm.errors import ConfigError, OperationFailedError, PeerUnreachableError
 from meshvm.join import envoy_identities
 from meshvm.kube import registration as reg
-from meshvm.kube.client import call
+from meshvm.kube.client import call, call_or_fail
 
 
 def _vm(host: str = "vm2", *, plaintext: bool = False) -> reg.VmWorkload:
@@ -174,3 +174,24 @@ def test_api_errors_the_caller_handles_pass_through_and_an_unreachable_server_is
         call("reading shop/x", away)
     assert raised.value.exit_code == 3
     assert call("reading shop/x", lambda: 7) == 7
+
+
+def test_call_or_fail_makes_every_api_error_one_line() -> None:
+    from kubernetes.client.exceptions import ApiException
+
+    def failing(status: int) -> Any:
+        def fn() -> None:
+            raise ApiException(status=status, reason="why")
+
+        return fn
+
+    missing = ConfigError("no bootstrap material in namespace shop")
+    with pytest.raises(ConfigError) as raised:
+        call_or_fail("reading shop/meshvm-bootstrap", failing(404), not_found=missing)
+    assert raised.value is missing
+    with pytest.raises(OperationFailedError, match="reading shop/x: 404 why"):
+        call_or_fail("reading shop/x", failing(404))
+    with pytest.raises(OperationFailedError, match="reading shop/x: 500 why"):
+        call_or_fail("reading shop/x", failing(500), not_found=missing)
+    with pytest.raises(ConfigError, match="401 unauthorized"):
+        call_or_fail("reading shop/x", failing(401), not_found=missing)

@@ -12,6 +12,7 @@ the machine falls on all of them alike:
     mixed   pod1 fortio -> pod1 sidecar -> Istio mTLS -> vm2 sidecar -> vm2 fortio         pod -> VM
 
     .venv/bin/python -m bench.dataplane [--qps 1000] [--connections 16] [--duration 20] [--rounds 3] [--h2]
+                                        [--variant access-log-off|tcp]
 
 Needs the lab with two pods and vm1 (web, calling api) and vm2 (api) joined into both meshes, as `scripts/demo`
 leaves it. For the run, vm2's demo `api` app and pod2's app are replaced by fortio's server on the same ports;
@@ -194,6 +195,28 @@ def floor_config(
     }
 
 
+def access_log_off(config: dict[str, Any], service: str) -> bool:
+    config.setdefault("envoy", {})["access_log_path"] = None
+    return True
+
+
+def tcp_proxying(config: dict[str, Any], service: str) -> bool:
+    """The service as TCP (mTLS, L4 authorization) instead of HTTP: set on every host that serves it, as callers
+    follow what the instances register only when they agree."""
+    mine = [s for s in config.get("services", []) if s.get("name") == service]
+    for entry in mine:
+        entry["protocol"] = "tcp"
+    return bool(mine)
+
+
+# Features the shipped configuration has that the floor has not, each switched off on the VMs for a run: what
+# each one costs is the difference to a run of the shipped configuration.
+VARIANTS: dict[str, Callable[[dict[str, Any], str], bool]] = {
+    "access-log-off": access_log_off,
+    "tcp": tcp_proxying,
+}
+
+
 def _spread(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
@@ -295,8 +318,8 @@ class Route:
     proxies: list[Proxy]
 
 
-def fortio_argv(url: str, qps: int, connections: int, seconds: int, *, h2: bool) -> list[str]:
-    argv = [FORTIO, "load", "-qps", str(qps), "-c", str(connections), "-t", f"{seconds}s", "-json", "-", "-quiet"]
+def fortio_argv(url: str, qps: int, connections: int, seconds: int, *, h2: bool, binary: str = FORTIO) -> list[str]:
+    argv = [binary, "load", "-qps", str(qps), "-c", str(connections), "-t", f"{seconds}s", "-json", "-", "-quiet"]
     return [*argv, *(["-h2"] if h2 else []), url]
 
 
@@ -304,7 +327,7 @@ def vm_envoy(remote: Remote, unit: str) -> Proxy:
     """The Envoy process of a systemd unit on a VM (for meshvm's sidecar, not the unit's main process: that is
     envoy-restarter, the small supervisor that makes hot restarts possible)."""
     script = (
-        f"for p in $(cat /sys/fs/cgroup$(systemctl show -p ControlGroup --value {unit})/cgroup.procs); do "
+        f"m=$(systemctl show -p MainPID --value {unit}); for p in $m $(pgrep -P $m); do "
         '[ "$(cat /proc/$p/comm)" = envoy ] && { cat /proc/$p/stat; echo @@; cat /proc/$p/status; echo @@; '
         "cat /proc/$p/cmdline; exit 0; }; done; exit 1"
     )
@@ -323,9 +346,11 @@ def pod_envoy(pod: Any) -> Proxy:
     """The Envoy that the pod's pilot-agent runs (a child of the sidecar process)."""
 
     def read() -> Usage:
-        pid = subprocess.run(
-            ["pgrep", "-P", str(pod.sidecar_pid), "-x", "envoy"], capture_output=True, text=True, check=False
+        children = subprocess.run(
+            ["pgrep", "-P", str(pod.sidecar_pid)], capture_output=True, text=True, check=False
         ).stdout.split()
+        # The lab's Envoy binary is named envoy-<sha256 prefix>.
+        pid = [c for c in children if Path(f"/proc/{c}/comm").read_text().startswith("envoy")]
         if not pid:
             raise SystemExit(f"bench.dataplane: no Envoy under {pod.name}'s pilot-agent")
         proc = Path("/proc") / pid[0]
@@ -461,6 +486,54 @@ def _wait(what: str, ready: Callable[[], bool], timeout: float = 60.0) -> None:
     raise SystemExit(f"bench.dataplane: {what} not ready after {timeout:.0f}s")
 
 
+AGENT_CONFIG = "/etc/meshvm/agent.yaml"
+XDS_DIR = "/var/lib/meshvm/envoy"
+
+
+@contextmanager
+def variant(name: str | None, remotes: list[Remote], service: str) -> Iterator[None]:
+    """Each VM's agent configuration edited by VARIANTS[name] (in place: owner and mode kept) and the agent
+    restarted, until the run ends; then the original back and the agent restarted again."""
+    if name is None:
+        yield
+        return
+    import yaml
+
+    originals: dict[str, str] = {}
+    try:
+        for remote in remotes:
+            text = remote.run("cat", AGENT_CONFIG).out
+            config = yaml.safe_load(text)
+            if not VARIANTS[name](config, service):
+                continue
+            originals[remote.host.name] = text
+            _replace_agent_config(remote, yaml.safe_dump(config, sort_keys=False))
+        if not originals:
+            raise SystemExit(f"bench.dataplane: variant {name} changes nothing on {[r.host.name for r in remotes]}")
+        yield
+    finally:
+        for remote in remotes:
+            if remote.host.name in originals:
+                _replace_agent_config(remote, originals[remote.host.name])
+
+
+def _replace_agent_config(remote: Remote, text: str) -> None:
+    """Write the agent's configuration, restart the agent and wait for its next render of Envoy's listeners."""
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as scratch:
+        scratch.write(text)
+        scratch.flush()
+        remote.put(Path(scratch.name), "/run/bench-agent.yaml", 0o600)
+    before = remote.run("stat", "-c", "%y", f"{XDS_DIR}/lds.json").out.strip()
+    done = remote.run("sh", "-c", f"cat /run/bench-agent.yaml > {AGENT_CONFIG} && rm /run/bench-agent.yaml")
+    if done.code != 0:
+        raise SystemExit(f"bench.dataplane: writing {AGENT_CONFIG} on {remote.host.name}: {done.err.strip()}")
+    remote.run("systemctl", "restart", "meshvm-agent.service")
+    _wait(
+        f"{remote.host.name}'s agent rendering the new listeners",
+        lambda: remote.run("stat", "-c", "%y", f"{XDS_DIR}/lds.json").out.strip() != before,
+    )
+
+
 def maintenance(remote: Remote, service: str, enable: bool) -> None:
     """Take the host's sidecar for `service` out of the mesh (or back in) through its local Consul agent."""
     flag = ["-enable", "-reason", "bench.dataplane: one server"] if enable else ["-disable"]
@@ -545,7 +618,7 @@ def _in_pod_load(pod: Any, url: str, h2: bool) -> Callable[[int, int, int], dict
     from meshvm.lab.pods import in_pod
 
     def load(qps: int, connections: int, seconds: int) -> dict[str, Any]:
-        argv = in_pod(pod, fortio_argv(url, qps, connections, seconds, h2=h2))
+        argv = in_pod(pod, fortio_argv(url, qps, connections, seconds, h2=h2, binary=str(fortio())))
         done = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=seconds + 60)
         if done.returncode != 0:
             raise SystemExit(f"bench.dataplane: fortio in {pod.name} failed: {done.stderr.strip()[-300:]}")
@@ -581,16 +654,18 @@ def lab_routes(args: argparse.Namespace) -> Iterator[dict[str, Route]]:
     others = [h for h in hosts.values() if h.name != vm2.name and any(s.name == "api" for s in h.services)]
     pod1, pod2 = lab.pods[0], lab.pods[1]
     binary = fortio()
-    server_argv = [FORTIO, "server", "-grpc-port", "disabled", "-redirect-port", "disabled", "-http-port"]
+    serve = ["server", "-grpc-port", "disabled", "-redirect-port", "disabled", "-http-port"]
     with Remote(vm1) as client, Remote(vm2) as server, ExitStack() as stack:
         parked = [stack.enter_context(Remote(h)) for h in others]
         for remote in (client, server):
             remote.put(binary, FORTIO, 0o755)
         server.run("systemctl", "stop", "demo-app-api.service")
         stack.callback(server.run, "systemctl", "start", "demo-app-api.service")
-        server.run("systemd-run", f"--unit={SERVER_UNIT}", "--collect", *server_argv, f"0.0.0.0:{api.port}")
+        server.run("systemd-run", f"--unit={SERVER_UNIT}", "--collect", FORTIO, *serve, f"0.0.0.0:{api.port}")
         stack.callback(server.run, "systemctl", "stop", SERVER_UNIT)
-        stack.enter_context(app_replaced(lab, pod2.name, [*server_argv, f"0.0.0.0:{HTTP_PORT}"]))
+        stack.enter_context(app_replaced(lab, pod2.name, [str(binary), *serve, f"0.0.0.0:{HTTP_PORT}"]))
+        # First: restarting an agent registers its services again, which ends their maintenance.
+        stack.enter_context(variant(args.variant, [client, server, *parked], api.name))
         for remote in parked:
             maintenance(remote, "api", enable=True)
             stack.callback(maintenance, remote, "api", False)
@@ -656,6 +731,11 @@ def main() -> None:
     parser.add_argument("--duration", type=int, default=20, help="seconds per path per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--h2", action="store_true", help="fortio speaks HTTP/2 (h2c) instead of HTTP/1.1")
+    parser.add_argument(
+        "--variant",
+        choices=sorted(VARIANTS),
+        help="switch one feature off on the VMs for the run (the shipped configuration is put back after)",
+    )
     parser.add_argument("--namespace", default="meshvm", help="where `meshvm join` registered the VMs")
     parser.add_argument("-i", "--inventory", type=Path, default=REPO / "inventories" / "lab")
     args = parser.parse_args()
@@ -663,14 +743,15 @@ def main() -> None:
         rounds = interleaved(routes, args)
 
     report = summarize(rounds)
-    settings = {k: getattr(args, k) for k in ("qps", "connections", "duration", "rounds", "h2")}
+    settings = {k: getattr(args, k) for k in ("qps", "connections", "duration", "rounds", "h2", "variant")}
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
-    name = "dataplane-h2.json" if args.h2 else "dataplane.json"
+    name = "-".join(["dataplane", *(["h2"] if args.h2 else []), *([args.variant] if args.variant else [])]) + ".json"
     (out / name).write_text(json.dumps({"settings": settings, "rounds": rounds, **report}, indent=2))
     print(
         f"fortio {args.qps} qps x {args.connections} connections x {args.duration} s x {args.rounds} rounds, "
-        f"{'HTTP/2 (h2c)' if args.h2 else 'HTTP/1.1'}; ms, median over rounds; + = added over direct in the same round"
+        f"{'HTTP/2 (h2c)' if args.h2 else 'HTTP/1.1'}, meshvm {args.variant or 'as shipped'}; ms, median over rounds; "
+        "+ = added over direct in the same round"
     )
     print(table(report))
     print(f"JSON: {out / name}")

@@ -130,3 +130,12 @@ def test_usage_reads_cpu_own_memory_and_workers_from_proc() -> None:
     assert found.cpu_s >= 0
     assert dataplane.usage((proc / "stat").read_text(), (proc / "status").read_text(), "envoy\0", 100).workers is None
     assert os.sysconf("SC_CLK_TCK") > 0
+
+
+def test_variants_switch_off_one_feature_and_say_when_they_change_nothing() -> None:
+    config = {"envoy": {"access_log_path": "/dev/stdout"}, "services": [{"name": "api", "protocol": "http"}]}
+    assert dataplane.VARIANTS["tcp"](config, "api")
+    assert config["services"] == [{"name": "api", "protocol": "tcp"}]
+    assert not dataplane.VARIANTS["tcp"]({"services": [{"name": "web", "protocol": "http"}]}, "api")
+    assert dataplane.VARIANTS["access-log-off"](config, "api")
+    assert config["envoy"] == {"access_log_path": None}

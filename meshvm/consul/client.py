@@ -17,6 +17,7 @@ import consul
 import requests
 
 from meshvm.config import AgentConfig, CheckSpec, ConsulSpec, ServiceSpec
+from meshvm.consul.parse import maintenance_reasons
 from meshvm.errors import OperationFailedError, PeerUnreachableError
 from meshvm.values import consul_duration
 
@@ -93,7 +94,10 @@ class ConsulClient:
         return None
 
     def register(self, config: AgentConfig) -> None:
-        """Register each local service with its check, and its sidecar (alias of the app + Envoy's listener)."""
+        """Register each local service with its check, and its sidecar (alias of the app + Envoy's listener). A
+        service the operator had put in maintenance stays in it: registering replaces its checks, so the
+        maintenance is set again, with its reason."""
+        paused = maintenance_reasons(self._call("reading the agent's checks", self.api.agent.checks))
         for service in config.services:
             meta = {**service.meta, "protocol": service.protocol, "managed-by": "meshvm"}
             if service.version:
@@ -128,6 +132,11 @@ class ConsulClient:
                 proxy=proxy,
                 **common,
             )
+
+        for service_id in sorted(paused.keys() & {i for s in config.services for i in (s.name, s.sidecar_id)}):
+            log.info("%s stays in maintenance: %s", service_id, paused[service_id])
+            keep = functools.partial(self.api.agent.service.maintenance, service_id, True, paused[service_id] or None)
+            self._call(f"keeping {service_id} in maintenance", keep)
 
     def _register(self, service_id: str, **fields: Any) -> None:
         """One service in the local agent, under ``service_id`` as both its name and its id."""

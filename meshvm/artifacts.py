@@ -174,6 +174,30 @@ def _pip_wheel(requirement: str, wheels: Path) -> Path:
     return found[-1]
 
 
+# What the VMs do not run: the lab is the operator's test bench (it starts VMs, clusters and pods).
+VM_LEAVES_OUT = ("meshvm/lab/",)
+
+
+def strip_wheel(wheel: Path, prefixes: tuple[str, ...]) -> list[str]:
+    """Rewrite ``wheel`` without the files under ``prefixes`` and without their lines in its RECORD; returns what
+    was left out. Entries keep their metadata (timestamps, compression), so an unchanged input gives the same
+    bytes."""
+    left_out: list[str] = []
+    stripped = wheel.with_name(wheel.name + ".part")
+    with zipfile.ZipFile(wheel) as source, zipfile.ZipFile(stripped, "w") as out:
+        for info in source.infolist():
+            if info.filename.startswith(prefixes):
+                left_out.append(info.filename)
+                continue
+            data = source.read(info)
+            if info.filename.endswith(".dist-info/RECORD"):
+                lines = data.decode().splitlines(keepends=True)
+                data = "".join(line for line in lines if not line.startswith(prefixes)).encode()
+            out.writestr(info, data)
+    stripped.replace(wheel)
+    return left_out
+
+
 def wheelhouse(
     dest: Path, *, project: Path | None = None, python_version: str = "3.11", platform: str = "manylinux2014_x86_64"
 ) -> list[Path]:
@@ -204,6 +228,7 @@ def wheelhouse(
         if built.returncode != 0:
             raise OperationFailedError(f"building the meshvm wheel failed: {built.stderr.strip()[-500:]}")
         wheel = next(Path(tmp).glob("meshvm-*.whl"))
+        strip_wheel(wheel, VM_LEAVES_OUT)
         target = dest / wheel.name
         if not target.exists() or target.read_bytes() != wheel.read_bytes():
             for old in dest.glob("meshvm-*.whl"):

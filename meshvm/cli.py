@@ -7,6 +7,7 @@ import logging
 import sys
 from enum import StrEnum
 from pathlib import Path
+from types import ModuleType
 from typing import Annotated, Any
 
 import typer
@@ -14,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from meshvm import __version__, logs, versions
-from meshvm.errors import ExitCode, MeshvmError
+from meshvm.errors import ExitCode, MeshvmError, PrerequisiteError
 
 log = logging.getLogger("meshvm")
 # Tables keep their width when piped (rich would fold them to 80 columns).
@@ -58,6 +59,18 @@ def _root(
 StateDir = Annotated[Path, typer.Option("--state-dir", help="Where the lab keeps its runtime state.")]
 
 
+def _lab() -> ModuleType:
+    """meshvm.lab: the operator's test bench, which the wheel installed on VMs leaves out."""
+    try:
+        from meshvm import lab
+    except ImportError as exc:
+        raise PrerequisiteError(
+            "meshvm lab: the lab is not part of this installation (the VMs' meshvm leaves it out)",
+            hint="run it from a meshvm checkout (see README)",
+        ) from exc
+    return lab
+
+
 @lab_app.command("up")
 def lab_up(
     hosts: Annotated[int, typer.Option("--hosts", "-n", help="Number of VMs (at least; a running lab is grown).")] = 2,
@@ -83,7 +96,7 @@ def lab_up(
 ) -> None:
     """Build (once) and start the lab: Consul, kube-apiserver + etcd, kube-controller-manager, istiod, VMs and
     meshed pods; print its peers. Needs root."""
-    from meshvm import lab
+    lab = _lab()
 
     lab.up(
         hosts,
@@ -100,7 +113,7 @@ def lab_up(
 @lab_app.command("down")
 def lab_down(state_dir: StateDir = Path("/var/lib/meshvm-lab")) -> None:
     """Stop and remove everything `lab up` made; a no-op when nothing is up."""
-    from meshvm import lab
+    lab = _lab()
 
     if not lab.down(state_dir=state_dir):
         err.print("meshvm: no lab is up; nothing to do")
@@ -113,7 +126,7 @@ def lab_reset(
 ) -> None:
     """Give VMs a fresh disk and boot them again (what molecule's create/destroy use); restart pods as Kubernetes
     would (a new Pod object, token and sidecar)."""
-    from meshvm import lab
+    lab = _lab()
 
     done = lab.reset(hosts or [], state_dir=state_dir)
     err.print(f"meshvm: reset {', '.join(done)}")
@@ -131,7 +144,7 @@ Peer = Annotated[LabPeer, typer.Argument(help="The peer (istiod).")]
 @lab_app.command("stop")
 def lab_stop(peer: Peer, state_dir: StateDir = Path("/var/lib/meshvm-lab")) -> None:
     """Stop one peer of the lab, to see how the mesh does without it (`meshvm lab start` brings it back)."""
-    from meshvm import lab
+    lab = _lab()
 
     lab.stop_istiod(state_dir=state_dir)
     err.print(f"meshvm: {peer.value} stopped")
@@ -140,7 +153,7 @@ def lab_stop(peer: Peer, state_dir: StateDir = Path("/var/lib/meshvm-lab")) -> N
 @lab_app.command("start")
 def lab_start(peer: Peer, state_dir: StateDir = Path("/var/lib/meshvm-lab")) -> None:
     """Start a peer `meshvm lab stop` stopped."""
-    from meshvm import lab
+    lab = _lab()
 
     started = lab.start_istiod(state_dir=state_dir)
     err.print(f"meshvm: istiod running (pid {started.pid}, ready)")
@@ -156,7 +169,7 @@ def lab_exec(
     `meshvm lab exec pod1 -- curl -s http://pod2.shop.svc.cluster.local/`. Exits with the command's status."""
     import subprocess
 
-    from meshvm import lab
+    lab = _lab()
     from meshvm.errors import UsageError
     from meshvm.lab import pods
 
@@ -177,7 +190,7 @@ def lab_status(state_dir: StateDir = Path("/var/lib/meshvm-lab")) -> None:
 
 
 def _print_lab_status(state_dir: Path) -> bool:
-    from meshvm import lab
+    lab = _lab()
 
     rows = lab.status(state_dir=state_dir)
     if not rows:

@@ -87,6 +87,18 @@ def test_lab_status_with_nothing_up_exits_1(meshvm_cli: str, tmp_path: Path) -> 
     assert "no lab is up" in done.stderr
 
 
+def test_lab_where_the_lab_is_not_installed_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    """The VMs' wheel leaves meshvm.lab out; `meshvm lab ...` there says so instead of a traceback."""
+    without_lab = "import sys; sys.modules['meshvm.lab'] = None; from meshvm.cli import main; main()"
+    for args in (["status"], ["up", "--hosts", "1"], ["down"]):
+        done = _run([sys.executable, "-c", without_lab, "lab", *args, "--state-dir", str(tmp_path)])
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.strip() == (
+            "meshvm: error: meshvm lab: the lab is not part of this installation (the VMs' meshvm leaves it out): "
+            "run it from a meshvm checkout (see README)"
+        )
+
+
 def test_lab_up_rejects_a_bad_host_count(meshvm_cli: str, tmp_path: Path) -> None:
     done = _run([meshvm_cli, "lab", "up", "--hosts", "0", "--state-dir", str(tmp_path / "s")])
     assert done.returncode == 2

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import tarfile
+import zipfile
 from pathlib import Path
 
 import pytest
 
-from meshvm.artifacts import bundle
+from meshvm.artifacts import VM_LEAVES_OUT, bundle, strip_wheel
 from meshvm.errors import ConfigError
 
 
@@ -69,3 +70,23 @@ def test_a_wheelhouse_without_exactly_one_meshvm_wheel_is_refused(
 def test_a_missing_wheelhouse_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         bundle(tmp_path / "nope", cache=tmp_path / "cache")
+
+
+def test_the_vm_wheel_leaves_the_lab_out_and_stays_reproducible(tmp_path: Path) -> None:
+    record = "meshvm/__init__.py,sha256=a,1\nmeshvm/lab/up.py,sha256=b,2\nmeshvm-0.1.0.dist-info/RECORD,,\n"
+    files = {"meshvm/__init__.py": b"core", "meshvm/lab/up.py": b"lab", "meshvm-0.1.0.dist-info/RECORD": record}
+    wheels = []
+    for name in ("a", "b"):
+        wheel = tmp_path / name / "meshvm-0.1.0-py3-none-any.whl"
+        wheel.parent.mkdir()
+        with zipfile.ZipFile(wheel, "w", zipfile.ZIP_DEFLATED) as out:
+            for path, data in files.items():
+                out.writestr(zipfile.ZipInfo(path, date_time=(1980, 1, 1, 0, 0, 0)), data)
+        assert strip_wheel(wheel, VM_LEAVES_OUT) == ["meshvm/lab/up.py"]
+        wheels.append(wheel)
+    with zipfile.ZipFile(wheels[0]) as stripped:
+        assert stripped.namelist() == ["meshvm/__init__.py", "meshvm-0.1.0.dist-info/RECORD"]
+        assert b"meshvm/lab" not in stripped.read("meshvm-0.1.0.dist-info/RECORD")
+        assert stripped.read("meshvm/__init__.py") == b"core"
+        assert stripped.getinfo("meshvm/__init__.py").date_time == (1980, 1, 1, 0, 0, 0)
+    assert wheels[0].read_bytes() == wheels[1].read_bytes()

@@ -35,7 +35,6 @@ import os
 import statistics
 import subprocess
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -44,7 +43,9 @@ from typing import Any
 
 from meshvm import inventory
 from meshvm.artifacts import cache_dir
+from meshvm.errors import MeshvmError
 from meshvm.lab.artifacts import run_long
+from meshvm.lab.procs import wait_until
 from meshvm.remote import Remote
 
 # 1.69 and later need grol.io modules the Go proxy here refuses; 1.68.2 is the newest that builds.
@@ -383,48 +384,16 @@ def measure(route: Route, qps: int, connections: int, seconds: int) -> dict[str,
 
 def floor_certificates(directory: Path, server_ip: str) -> None:
     """A throwaway CA, a server certificate for vm2's address and a client certificate, in PEM."""
-    import ipaddress
+    from meshvm import pki
 
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.UTC)
-
-    def issue(name: str, key: Any, issuer: Any, issuer_key: Any, *, ca: bool, san: Any = None) -> Any:
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-            .issuer_name(issuer)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-        )
-        if san is not None:
-            builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
-        return builder.sign(issuer_key, hashes.SHA256())
-
-    def write(name: str, cert: Any, key: Any) -> None:
-        (directory / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        (directory / f"{name}-key.pem").write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
-        )
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench floor CA")])
-    ca = issue("bench floor CA", ca_key, ca_name, ca_key, ca=True)
-    write("ca", ca, ca_key)
-    for name, san in (
-        ("server", [x509.IPAddress(ipaddress.ip_address(server_ip))]),
-        ("client", [x509.UniformResourceIdentifier("spiffe://bench.floor/client")]),
+    ca = pki.new_ca("bench floor CA", validity=datetime.timedelta(days=1))
+    (directory / "ca.pem").write_text(ca.cert_pem)
+    for name, pair in (
+        ("server", pki.issue(ca, "server", ips=(server_ip,), server=True, validity=datetime.timedelta(days=1))),
+        ("client", pki.issue(ca, "client", uris=("spiffe://bench.floor/client",), validity=datetime.timedelta(days=1))),
     ):
-        key = ec.generate_private_key(ec.SECP256R1())
-        write(name, issue(name, key, ca_name, ca_key, ca=False, san=san), key)
+        (directory / f"{name}.pem").write_text(pair.cert_pem)
+        (directory / f"{name}-key.pem").write_text(pair.key_pem)
 
 
 @contextmanager
@@ -473,17 +442,12 @@ def floor_envoys(client: Remote, server: Remote, app_port: int) -> Iterator[tupl
             remote.run("rm", "-rf", FLOOR_DIR)
 
 
+def _wait(what: str, ready: Callable[[], bool]) -> None:
+    wait_until(what, ready, timeout=60)
+
+
 def _admin_ready(remote: Remote, port: int) -> bool:
     return remote.run("curl", "-sf", f"http://127.0.0.1:{port}/ready").code == 0
-
-
-def _wait(what: str, ready: Callable[[], bool], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if ready():
-            return
-        time.sleep(0.2)
-    raise SystemExit(f"bench.dataplane: {what} not ready after {timeout:.0f}s")
 
 
 AGENT_CONFIG = "/etc/meshvm/agent.yaml"
@@ -739,8 +703,11 @@ def main() -> None:
     parser.add_argument("--namespace", default="meshvm", help="where `meshvm join` registered the VMs")
     parser.add_argument("-i", "--inventory", type=Path, default=REPO / "inventories" / "lab")
     args = parser.parse_args()
-    with lab_routes(args) as routes:
-        rounds = interleaved(routes, args)
+    try:
+        with lab_routes(args) as routes:
+            rounds = interleaved(routes, args)
+    except MeshvmError as exc:
+        raise SystemExit(f"bench.dataplane: {exc}") from exc
 
     report = summarize(rounds)
     settings = {k: getattr(args, k) for k in ("qps", "connections", "duration", "rounds", "h2", "variant")}

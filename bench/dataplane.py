@@ -628,7 +628,8 @@ def lab_routes(args: argparse.Namespace) -> Iterator[dict[str, Route]]:
         server.run("systemd-run", f"--unit={SERVER_UNIT}", "--collect", FORTIO, *serve, f"0.0.0.0:{api.port}")
         stack.callback(server.run, "systemctl", "stop", SERVER_UNIT)
         stack.enter_context(app_replaced(lab, pod2.name, [str(binary), *serve, f"0.0.0.0:{HTTP_PORT}"]))
-        # The variant first: it restarts agents, and the wait below sees the endpoints after both.
+        # First: a restarted agent deregisters its services on stop and registers them on start, ending their
+        # maintenance.
         stack.enter_context(variant(args.variant, [client, server, *parked], api.name))
         for remote in parked:
             maintenance(remote, "api", enable=True)

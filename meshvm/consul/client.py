@@ -17,7 +17,6 @@ import consul
 import requests
 
 from meshvm.config import AgentConfig, CheckSpec, ConsulSpec, ServiceSpec
-from meshvm.consul.parse import maintenance_reasons
 from meshvm.errors import OperationFailedError, PeerUnreachableError
 from meshvm.values import consul_duration
 
@@ -94,10 +93,7 @@ class ConsulClient:
         return None
 
     def register(self, config: AgentConfig) -> None:
-        """Register each local service with its check, and its sidecar (alias of the app + Envoy's listener). A
-        service the operator had put in maintenance stays in it: registering replaces its checks, so the
-        maintenance is set again, with its reason."""
-        paused = maintenance_reasons(self._call("reading the agent's checks", self.api.agent.checks))
+        """Register each local service with its check, and its sidecar (alias of the app + Envoy's listener)."""
         for service in config.services:
             meta = {**service.meta, "protocol": service.protocol, "managed-by": "meshvm"}
             if service.version:
@@ -132,11 +128,6 @@ class ConsulClient:
                 proxy=proxy,
                 **common,
             )
-
-        for service_id in sorted(paused.keys() & {i for s in config.services for i in (s.name, s.sidecar_id)}):
-            log.info("%s stays in maintenance: %s", service_id, paused[service_id])
-            keep = functools.partial(self.api.agent.service.maintenance, service_id, True, paused[service_id] or None)
-            self._call(f"keeping {service_id} in maintenance", keep)
 
     def _register(self, service_id: str, **fields: Any) -> None:
         """One service in the local agent, under ``service_id`` as both its name and its id."""

@@ -68,16 +68,3 @@ def parse_kv(items: list[dict[str, Any]] | None) -> bytes | None:
         return None
     value = items[0].get("Value")
     return base64.b64decode(value) if value else b""
-
-
-MAINTENANCE_PREFIX = "_service_maintenance:"
-
-
-def maintenance_reasons(checks: dict[str, Any] | None) -> dict[str, str]:
-    """Service ids an operator put in maintenance (``consul maint``, the agent's maintenance endpoint), each with the
-    reason given. Registering a service again replaces its checks, and this one with them."""
-    return {
-        check_id.removeprefix(MAINTENANCE_PREFIX): str(check.get("Notes") or "")
-        for check_id, check in (checks or {}).items()
-        if check_id.startswith(MAINTENANCE_PREFIX)
-    }

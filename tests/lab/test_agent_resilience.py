@@ -10,7 +10,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import consul
 import pytest
 import yaml
 
@@ -209,32 +208,6 @@ def test_consul_away_for_30s_traffic_flows_and_agents_resync(topo: Any, lab: Lab
     newcomer.add_service(names["api"], topo["apps"]["b"].port, check={"type": "http", "path": "/health"})
     newcomer.start()
     wait_for("new instance after the outage", lambda: len(client.endpoints(topo["cluster"])) == 2, timeout=20)
-
-
-def test_an_operators_maintenance_survives_an_agent_restart(topo: Any) -> None:
-    """`consul maint` on a service, then its agent restarts (an upgrade, a crash): registering again replaces the
-    service's checks, maintenance included, so the agent sets it again and the service stays out of traffic."""
-    server, client, api, cluster = topo["server"], topo["client"], topo["names"]["api"], topo["cluster"]
-    local = consul.Consul(host=server.address, port=server.consul_http, token=server.token_file.read_text())
-    log = server.dir / "agent.log"
-    local.agent.service.maintenance(api, True, "disk swap")
-    try:
-        wait_for("api out of the caller's endpoints", lambda: not client.endpoints(cluster), timeout=20)
-        registrations = log.read_text().count("with Consul at")
-        server.stop_agent()
-        server.start_agent()
-        wait_for("registered again", lambda: log.read_text().count("with Consul at") > registrations, timeout=30)
-        checks = local.agent.checks()
-        assert checks.get(f"_service_maintenance:{api}", {}).get("Notes") == "disk swap", checks
-        assert f"{api} stays in maintenance: disk swap" in log.read_text()
-        wait_for("api still out of the caller's endpoints", lambda: not client.endpoints(cluster), timeout=10)
-        held = time.monotonic() + 3
-        while time.monotonic() < held:
-            assert not client.endpoints(cluster), "api came back to traffic while its maintenance was on"
-            time.sleep(0.2)
-    finally:
-        local.agent.service.maintenance(api, False)
-    wait_for("api back once the operator ends the maintenance", lambda: len(client.endpoints(cluster)) == 1, 20)
 
 
 @pytest.mark.parametrize(

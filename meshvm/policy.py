@@ -147,6 +147,9 @@ class ServicePolicy(Strict):
     routes: list[Route] = []
     retries: Retries | None = None
     timeout: Duration | None = None
+    idle_timeout: Duration | None = Field(
+        None, description="a request or upgraded stream (WebSocket) with no bytes for this long is closed; default 1h"
+    )
     connect_timeout: Duration | None = None
     circuit_breaker: CircuitBreaker | None = None
     outlier_detection: OutlierDetection | None = None
@@ -162,7 +165,7 @@ class ServicePolicy(Strict):
         if self.protocol == "tcp":
             if any(r.match != RouteMatch() for r in self.routes) or len(self.routes) > 1:
                 raise ValueError("protocol tcp allows one route without path or header match (a split only)")
-            for field in ("retries", "timeout", "fault", "rate_limit"):
+            for field in ("retries", "timeout", "idle_timeout", "fault", "rate_limit"):
                 if getattr(self, field) is not None:
                     raise ValueError(f"{field} needs an HTTP protocol (http, http2, grpc), not tcp")
         if self.retries is not None:

@@ -230,7 +230,8 @@ def _local_cluster(snapshot: Snapshot, service: ServiceSpec) -> JSON:
         cluster["typed_extension_protocol_options"] = {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                 "@type": t.HTTP_PROTOCOL_OPTIONS,
-                "explicit_http_config": {"http2_protocol_options": {}},
+                # allow_connect: a WebSocket to the peer sidecar rides an extended CONNECT over this HTTP/2
+                "explicit_http_config": {"http2_protocol_options": {"allow_connect": True}},
             }
         }
     return cluster
@@ -258,6 +259,28 @@ def _local_rate_limit(service: ServiceSpec, policy: ServicePolicy) -> JSON | Non
     }
 
 
+STREAM_IDLE_TIMEOUT = 3600.0  # Envoy's own default (5 min) would close a quiet WebSocket
+
+
+def _http_streams(protocol: str, *, downstream_h2: bool) -> JSON:
+    """HCM settings for long-lived streams: HTTP/1.1 WebSocket upgrades on ``http`` services, and the idle limit.
+
+    Between sidecars the hop is HTTP/2, where a WebSocket travels as an extended CONNECT (RFC 8441): the inbound
+    side accepts CONNECT and turns it back into an HTTP/1.1 upgrade for the app."""
+    settings: JSON = {"stream_idle_timeout": t.duration(STREAM_IDLE_TIMEOUT)}
+    if protocol == "http":
+        settings["upgrade_configs"] = [{"upgrade_type": "websocket"}]
+        if downstream_h2:
+            settings["http2_protocol_options"] = {"allow_connect": True}
+    return settings
+
+
+def _idle(action: JSON, policy: ServicePolicy) -> JSON:
+    if policy.idle_timeout is not None:
+        action["idle_timeout"] = t.duration(policy.idle_timeout)
+    return action
+
+
 # HTTP policy lives in routes (RDS), not in the listener: a route update applies to the next request on every
 # existing connection, while a listener update only reaches new connections once the old ones drain.
 
@@ -276,7 +299,7 @@ def _inbound_routes(service: ServiceSpec, policy: ServicePolicy, rbac: JSON) -> 
                 "routes": [
                     {
                         "match": {"prefix": "/"},
-                        "route": {"cluster": f"local.{service.name}", "timeout": "0s"},
+                        "route": _idle({"cluster": f"local.{service.name}", "timeout": "0s"}, policy),
                         "typed_per_filter_config": per_filter,
                     }
                 ],
@@ -309,6 +332,7 @@ def _inbound_listener(
                 },
                 {"name": "envoy.filters.http.router", "typed_config": {"@type": t.ROUTER}},
             ],
+            **_http_streams(service.protocol, downstream_h2=True),
             "forward_client_cert_details": "SANITIZE_SET",
             "set_current_client_cert_details": {"uri": True},
             "access_log": t.access_log(config.envoy.access_log_path),
@@ -463,7 +487,8 @@ def _with_policy(cluster: JSON, snapshot: Snapshot, policy: ServicePolicy, h2: b
         cluster["typed_extension_protocol_options"] = {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                 "@type": t.HTTP_PROTOCOL_OPTIONS,
-                "explicit_http_config": {"http2_protocol_options": {}},
+                # allow_connect: a WebSocket to the peer sidecar rides an extended CONNECT over this HTTP/2
+                "explicit_http_config": {"http2_protocol_options": {"allow_connect": True}},
             }
         }
     # Always explicit: Envoy's default of 3 concurrent retries would make any retry policy fail under load.
@@ -530,7 +555,7 @@ def _route_action(policy: ServicePolicy, targets: list[tuple[str, int]], protoco
     if retries.per_try_timeout is not None:
         retry["per_try_timeout"] = t.duration(retries.per_try_timeout)
     action["retry_policy"] = retry
-    return action
+    return _idle(action, policy)
 
 
 def _header_matcher(header: HeaderMatch) -> JSON:
@@ -626,6 +651,7 @@ def _outbound(snapshot: Snapshot, layout: Layout, source: ServiceSpec, upstream:
                 {"name": "envoy.filters.http.fault", "typed_config": {"@type": t.FAULT}},
                 {"name": "envoy.filters.http.router", "typed_config": {"@type": t.ROUTER}},
             ],
+            **_http_streams(protocol, downstream_h2=False),
             "access_log": t.access_log(config.envoy.access_log_path),
         }
         filters = [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]

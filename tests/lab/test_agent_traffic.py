@@ -8,6 +8,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import websockets.exceptions
+import websockets.sync.client
 
 from tests.support.mesh import MeshNode, wait_for
 from tests.support.traffic import (
@@ -15,6 +17,7 @@ from tests.support.traffic import (
     H2Server,
     HttpServer,
     TcpEchoServer,
+    WebSocketEchoServer,
     burst,
     grpc_health_check,
     h2_get,
@@ -76,13 +79,14 @@ class Topology:
 
 @pytest.fixture(scope="module")
 def topo(node_factory: Callable[[str], MeshNode], mesh_tag: str, policy: Callable[[dict[str, Any]], None]) -> Any:
-    names = {k: f"{mesh_tag}-{k}" for k in ("web", "api", "echo", "rpc", "h2")}
+    names = {k: f"{mesh_tag}-{k}" for k in ("web", "api", "echo", "rpc", "h2", "ws", "outsider")}
     apps: dict[str, Any] = {
         "v1": HttpServer("v1").start(),
         "v2": HttpServer("v2").start(),
         "echo": TcpEchoServer().start(),
         "rpc": GrpcHealthServer().start(),
         "h2": H2Server("h2").start(),
+        "ws": WebSocketEchoServer().start(),
     }
     policy({"authorization": {"rules": [{"source": names["web"], "destination": "*", "action": "allow"}]}})
     v1 = node_factory("api-v1")
@@ -95,6 +99,7 @@ def topo(node_factory: Callable[[str], MeshNode], mesh_tag: str, policy: Callabl
     misc.add_service(names["echo"], apps["echo"].port, protocol="tcp")
     misc.add_service(names["rpc"], apps["rpc"].port, protocol="grpc", check={"type": "grpc"})
     misc.add_service(names["h2"], apps["h2"].port, protocol="http2")
+    misc.add_service(names["ws"], apps["ws"].port)
     client = node_factory("client")
     client.add_service(
         names["web"],
@@ -105,8 +110,11 @@ def topo(node_factory: Callable[[str], MeshNode], mesh_tag: str, policy: Callabl
             {"service": names["echo"]},
             {"service": names["rpc"]},
             {"service": names["h2"]},
+            {"service": names["ws"]},
         ],
     )
+    # Calls nothing the policy allows: what a caller outside the rules gets.
+    client.add_service(names["outsider"], 1, check={"type": "none"}, upstreams=[{"service": names["ws"]}])
     nodes = {"api-v1": v1, "api-v2": v2, "misc": misc, "client": client}
     for node in nodes.values():
         node.start()
@@ -274,3 +282,29 @@ def test_raw_tcp_echo_through_the_mesh(topo: Topology) -> None:
     port = topo.client.upstream_port(topo.names["web"], topo.names["echo"])
     payload = bytes(range(256)) * 512
     assert tcp_echo("127.0.0.1", port, payload) == payload
+
+
+def test_websocket_lives_through_the_mesh_for_a_minute_and_a_denied_caller_cannot_upgrade(topo: Topology) -> None:
+    """A real WebSocket client and server, through both sidecars (an HTTP/2 extended CONNECT between them): one
+    connection carries messages for 60 s, with a 20 s silence longer than the 15 s request timeout in the middle.
+    Every policy of this module lets web call everything and nobody else call anything."""
+    ws, web = topo.names["ws"], topo.names["web"]
+    upgrades = topo.apps["ws"].upgrades
+    url = f"ws://127.0.0.1:{topo.client.upstream_port(web, ws)}/chat"
+    sent = 0
+    with websockets.sync.client.connect(url, open_timeout=5, ping_interval=None) as connection:
+        started = time.monotonic()
+        while time.monotonic() - started < 60:
+            message = f"message {sent} " + "x" * (sent * 97 % 4096)
+            connection.send(message)
+            assert connection.recv(timeout=5) == message
+            sent += 1
+            time.sleep(20 if sent == 10 else 0.5)
+        assert time.monotonic() - started >= 60
+    assert sent > 60
+    assert topo.apps["ws"].upgrades == upgrades + 1, "one connection, upgraded once, never re-established"
+    outsider = f"ws://127.0.0.1:{topo.client.upstream_port(topo.names['outsider'], ws)}/chat"
+    with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
+        websockets.sync.client.connect(outsider, open_timeout=5)
+    assert refused.value.response.status_code == 403
+    assert topo.apps["ws"].upgrades == upgrades + 1

@@ -29,6 +29,8 @@ import h2.events
 import h2.exceptions
 import h2.settings
 import httpx
+import websockets.exceptions
+import websockets.sync.server as ws_server
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 
@@ -383,6 +385,40 @@ class GrpcHealthServer(_Lifecycle):
         server, self._server = self._server, None
         if server is not None:
             server.stop(grace=None).wait(5)
+
+
+class WebSocketEchoServer(_Lifecycle):
+    """A WebSocket server (the ``websockets`` package) that sends every message back; counts upgrades it accepted."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.host = host
+        self._port = port
+        self.upgrades = 0
+        self._server: ws_server.Server | None = None
+
+    @property
+    def port(self) -> int:
+        if self._port == 0:
+            raise RuntimeError("websocket server: not started")
+        return self._port
+
+    def _echo(self, connection: ws_server.ServerConnection) -> None:
+        self.upgrades += 1
+        with suppress(websockets.exceptions.ConnectionClosed):
+            for message in connection:
+                connection.send(message)
+
+    def start(self) -> Self:
+        if self._server is None:
+            self._server = ws_server.serve(self._echo, self.host, self._port)
+            self._port = int(self._server.socket.getsockname()[1])
+            threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
 
 
 # ---------------------------------------------------------------- clients

@@ -54,6 +54,7 @@ POLICY: dict[str, Any] = {
             ],
             "retries": {"attempts": 3, "per_try_timeout": "500ms"},
             "timeout": "2s",
+            "idle_timeout": "30m",
             "circuit_breaker": {"max_requests": 10},
             "outlier_detection": {"consecutive_5xx": 3},
             "fault": {"delay": {"fixed": "100ms", "percent": 10}, "abort": {"status": 503, "percent": 20}},
@@ -161,6 +162,41 @@ def test_subsets_split_and_header_route(ca: MeshCA, tmp_path: Path) -> None:
     assert routes[1]["route"]["timeout"] == "2.000s"
     # The catch-all route keeps traffic flowing for requests no rule matched.
     assert len(routes) == 2, "a split on prefix / already catches everything"
+
+
+def _hcm(listener: dict[str, Any]) -> dict[str, Any]:
+    return dict(listener["filter_chains"][0]["filters"][0]["typed_config"])
+
+
+def test_websocket_upgrades_on_http_services_only(ca: MeshCA, tmp_path: Path, envoy_bin: Path) -> None:
+    """HTTP/1.1 upgrades on both sidecars of an ``http`` service, carried between them as HTTP/2 extended CONNECT;
+    the policy's idle timeout on both sides' routes, Envoy's 5-minute default raised for the rest."""
+    config = {**CONFIG, "services": [*CONFIG["services"], {"name": "api", "port": 8081, "mesh_port": 21003}]}
+    snap = snapshot(ca, tmp_path)
+    snap = Snapshot(
+        **{
+            **snap.__dict__,
+            "config": parse_config({**config, "envoy": {"config_dir": str(tmp_path)}}),
+            "leaves": {**snap.leaves, "api": ca.leaf("api")},
+        }
+    )
+    resources = r.build(snap, r.Layout(tmp_path))
+    listeners = {x["name"]: x for x in resources.listeners}
+    outbound, inbound = _hcm(listeners["outbound.web.api"]), _hcm(listeners["inbound.api"])
+    for hcm in (outbound, inbound):
+        assert hcm["upgrade_configs"] == [{"upgrade_type": "websocket"}]
+        assert hcm["stream_idle_timeout"] == "3600.000s"
+    assert inbound["http2_protocol_options"] == {"allow_connect": True}
+    cluster = next(c for c in resources.clusters if c["name"] == "out.web.api")
+    options = cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    assert options["explicit_http_config"]["http2_protocol_options"] == {"allow_connect": True}
+    for route in resources.routes["out.web.api"]["virtual_hosts"][0]["routes"]:
+        assert route["route"]["idle_timeout"] == "1800.000s"
+    assert resources.routes["inbound.api"]["virtual_hosts"][0]["routes"][0]["route"]["idle_timeout"] == "1800.000s"
+    for name in ("outbound.web.rpc", "inbound.rpc"):
+        assert "upgrade_configs" not in _hcm(listeners[name]), "gRPC and HTTP/2 services have no HTTP/1.1 upgrade"
+    done = envoy_validate(envoy_bin, static_equivalent(snap.config, resources), tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_outbound_cluster_verifies_the_destination_identity(ca: MeshCA, tmp_path: Path) -> None:

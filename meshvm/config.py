@@ -14,7 +14,17 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from meshvm.errors import ConfigError
-from meshvm.values import Destination, Duration, IPAddress, KubeRef, LoopbackAddress, Name, Port, is_kubernetes
+from meshvm.values import (
+    Destination,
+    Duration,
+    IPAddress,
+    KubeRef,
+    LoopbackAddress,
+    Name,
+    Percent,
+    Port,
+    is_kubernetes,
+)
 
 Protocol = Literal["http", "http2", "grpc", "tcp"]
 HTTP_PROTOCOLS: frozenset[str] = frozenset({"http", "http2", "grpc"})
@@ -193,6 +203,28 @@ class EnvoySpec(Strict):
     connect_timeout: Duration = 2.0
 
 
+class TracingSpec(Strict):
+    """Distributed tracing by the sidecar: a span per request on each side of every hop, propagated in B3 headers
+    (what Istio's sidecars send) and W3C ``traceparent``, sent as Zipkin v2 JSON (Jaeger, Zipkin and the
+    OpenTelemetry Collector all take it)."""
+
+    zipkin_address: str = Field(
+        pattern=r"^[A-Za-z0-9.-]+:\d{1,5}$", description="host:port of the collector's Zipkin endpoint"
+    )
+    zipkin_path: str = Field("/api/v2/spans", pattern=r"^/")
+    sampling: Percent = Field(
+        1.0, description="percent of requests arriving without a trace that start one (a service's policy may differ)"
+    )
+
+    @property
+    def host(self) -> str:
+        return self.zipkin_address.rsplit(":", 1)[0]
+
+    @property
+    def port(self) -> int:
+        return int(self.zipkin_address.rsplit(":", 1)[1])
+
+
 class AgentSpec(Strict):
     listen_address: LoopbackAddress = "127.0.0.1"
     listen_port: Port = 19200
@@ -207,6 +239,7 @@ class AgentConfig(Strict):
     envoy: EnvoySpec = EnvoySpec()
     agent: AgentSpec = AgentSpec()
     istio: IstioSpec | None = Field(None, description="membership in the cluster's Istio mesh (omit: Consul only)")
+    tracing: TracingSpec | None = Field(None, description="where spans go (omit: no tracing)")
     services: list[ServiceSpec] = Field(min_length=1)
 
     @model_validator(mode="after")

@@ -151,6 +151,9 @@ class ServicePolicy(Strict):
         None, description="a request or upgraded stream (WebSocket) with no bytes for this long is closed; default 1h"
     )
     connect_timeout: Duration | None = None
+    trace_sampling: Percent | None = Field(
+        None, description="percent of calls to this service that start a trace; default: the VM's tracing.sampling"
+    )
     circuit_breaker: CircuitBreaker | None = None
     outlier_detection: OutlierDetection | None = None
     fault: Fault | None = None
@@ -165,7 +168,7 @@ class ServicePolicy(Strict):
         if self.protocol == "tcp":
             if any(r.match != RouteMatch() for r in self.routes) or len(self.routes) > 1:
                 raise ValueError("protocol tcp allows one route without path or header match (a split only)")
-            for field in ("retries", "timeout", "idle_timeout", "fault", "rate_limit"):
+            for field in ("retries", "timeout", "idle_timeout", "trace_sampling", "fault", "rate_limit"):
                 if getattr(self, field) is not None:
                     raise ValueError(f"{field} needs an HTTP protocol (http, http2, grpc), not tcp")
         if self.retries is not None:

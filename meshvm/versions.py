@@ -18,4 +18,5 @@ CONSUL_DEB_SHA256 = "e4e888bba104daba1d9161f49bfc52649a7e4efd45b1a7ead5bc54f2cb9
 KUBERNETES = "1.36.3"
 ETCD = "3.5.35"
 COREDNS = "1.14.7"
+JAEGER = "1.76.0"  # github.com/jaegertracing/jaeger (its v2 binary, cmd/jaeger): the lab's trace collector
 ISTIO = "v0.0.0-20260827124520-eed52ebb66ad"  # istio.io/istio, a build of its main branch (VERSION file: 1.31)

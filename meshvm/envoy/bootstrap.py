@@ -9,7 +9,15 @@ from typing import Any
 
 from meshvm.config import AgentConfig
 from meshvm.envoy import types as t
-from meshvm.envoy.resources import ISTIO_LEAF, ISTIO_ROOTS, ISTIOD_CLUSTER, Layout, Resources, sds_ref
+from meshvm.envoy.resources import (
+    ISTIO_LEAF,
+    ISTIO_ROOTS,
+    ISTIOD_CLUSTER,
+    TRACING_CLUSTER,
+    Layout,
+    Resources,
+    sds_ref,
+)
 from meshvm.envoy.types import JSON
 from meshvm.fsutil import atomic_write
 
@@ -143,6 +151,27 @@ def _istiod(config: AgentConfig, layout: Layout) -> tuple[list[JSON], JSON]:
     return [cluster], ads
 
 
+def _tracing_clusters(config: AgentConfig) -> list[JSON]:
+    """The trace collector, static: Envoy's Zipkin tracer needs its cluster when a listener is made."""
+    if config.tracing is None:
+        return []
+    tracing = config.tracing
+    return [
+        {
+            "name": TRACING_CLUSTER,
+            "type": "STRICT_DNS",
+            "dns_lookup_family": "V4_PREFERRED",
+            "connect_timeout": t.duration(config.envoy.connect_timeout),
+            "load_assignment": {
+                "cluster_name": TRACING_CLUSTER,
+                "endpoints": [
+                    {"lb_endpoints": [{"endpoint": {"address": t.socket_address(tracing.host, tracing.port)}}]}
+                ],
+            },
+        }
+    ]
+
+
 def bootstrap(config: AgentConfig) -> JSON:
     layout = Layout(config.envoy.config_dir)
     listeners, clusters = _prometheus(config)
@@ -154,7 +183,10 @@ def bootstrap(config: AgentConfig) -> JSON:
         "node": _node(config),
         "admin": {"address": t.socket_address(config.envoy.admin_address, config.envoy.admin_port)},
         "dynamic_resources": dynamic,
-        "static_resources": {"listeners": listeners, "clusters": clusters + istiod_clusters},
+        "static_resources": {
+            "listeners": listeners,
+            "clusters": clusters + istiod_clusters + _tracing_clusters(config),
+        },
         "layered_runtime": {
             "layers": [
                 {

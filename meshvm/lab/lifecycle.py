@@ -22,7 +22,7 @@ from meshvm.bootstrap import Bootstrap
 from meshvm.errors import MeshvmError, OperationFailedError, UsageError
 from meshvm.fsutil import atomic_write
 from meshvm.kube.client import api_client
-from meshvm.lab import artifacts, consul_server, dns, istiod, kube, network, pods, vms
+from meshvm.lab import artifacts, consul_server, dns, istiod, jaeger, kube, network, pods, vms
 from meshvm.lab.launcher import CGROUP_ROOTS
 from meshvm.lab.procs import alive, http_ok, run, stop
 from meshvm.lab.state import (
@@ -34,6 +34,7 @@ from meshvm.lab.state import (
     EtcdInfo,
     Host,
     IstiodInfo,
+    JaegerInfo,
     KubeInfo,
     LabState,
     Pod,
@@ -69,6 +70,7 @@ class Artifacts:
     kube_controller_manager: artifacts.Artifact
     coredns: artifacts.Artifact
     istio: artifacts.Istio
+    jaeger: artifacts.Artifact
     envoy: artifacts.Artifact
     rootfs: artifacts.Artifact
 
@@ -83,6 +85,7 @@ def fetch_artifacts(cache: Path, *, envoy_version: str, fallback_debs: tuple[Pat
                 artifacts.kube_component(cache, "kube-controller-manager"),
                 artifacts.coredns(cache),
                 artifacts.istio(cache),
+                artifacts.jaeger(cache),
             )
         )
         fetches = pool.submit(
@@ -92,7 +95,7 @@ def fetch_artifacts(cache: Path, *, envoy_version: str, fallback_debs: tuple[Pat
                 artifacts.rootfs(cache),
             )
         )
-        etcd, apiserver, controller_manager, coredns, istio = builds.result()
+        etcd, apiserver, controller_manager, coredns, istio, tracer = builds.result()
         consul, envoy, rootfs = fetches.result()
     return Artifacts(
         consul=consul,
@@ -101,6 +104,7 @@ def fetch_artifacts(cache: Path, *, envoy_version: str, fallback_debs: tuple[Pat
         kube_controller_manager=controller_manager,
         coredns=coredns,
         istio=istio,
+        jaeger=tracer,
         envoy=envoy,
         rootfs=rootfs,
     )
@@ -238,11 +242,12 @@ def default_inventory_path(state_dir: Path) -> Path:
 
 
 def _running(lab: LabState) -> bool:
-    procs = [p for p in (lab.consul, lab.etcd, lab.kube, lab.controller_manager, lab.dns, lab.istiod) if p]
+    peers = (lab.consul, lab.etcd, lab.kube, lab.controller_manager, lab.dns, lab.istiod, lab.jaeger)
+    procs = [p for p in peers if p]
     vm_pids = [Path(lab.state_dir) / "vms" / h.name / "launcher.pid" for h in lab.hosts]
     pod_pids = [pid for p in lab.pods for pid in (p.sidecar_pid, p.app_pid)]
     return (
-        len(procs) == 6
+        len(procs) == len(peers)
         and all(alive(p.pid) for p in procs)
         and all(p.exists() and alive(int(p.read_text())) for p in vm_pids)
         and all(pid is not None and alive(pid) for pid in pod_pids)
@@ -329,6 +334,8 @@ def _up(
         network.bridge_up()
         consul = consul_server.start(built.consul.path, state_dir)
         lab.consul = ConsulInfo(version=built.consul.version, binary=str(built.consul.path), **consul)
+        lab.save()
+        lab.jaeger = JaegerInfo(version=built.jaeger.version, **jaeger.start(built.jaeger.path, state_dir))
         lab.save()
         etcd = kube.start_etcd(built.etcd.path, state_dir)
         lab.etcd = EtcdInfo(version=built.etcd.version, **etcd)
@@ -508,6 +515,7 @@ def down(*, state_dir: Path = DEFAULT_STATE_DIR) -> bool:
         ("kube-apiserver", lab.kube),
         ("etcd", lab.etcd),
         ("consul", lab.consul),
+        ("jaeger", lab.jaeger),
     ):
         if proc is not None:
             attempt(name, functools.partial(stop, proc.pid))
@@ -524,7 +532,7 @@ def down(*, state_dir: Path = DEFAULT_STATE_DIR) -> bool:
         )
     shutil.rmtree(state_dir)
     log.info(
-        "lab down: removed %d VMs, %d pods, istiod, CoreDNS, Consul, etcd, kube-apiserver and %s",
+        "lab down: removed %d VMs, %d pods, istiod, CoreDNS, Consul, Jaeger, etcd, kube-apiserver and %s",
         len(lab.hosts),
         len(lab.pods),
         network.BRIDGE,
@@ -594,6 +602,17 @@ def status(*, state_dir: Path = DEFAULT_STATE_DIR) -> list[PeerStatus]:
                 f"grpcs://{control.xds_addr}",
                 serving(control.pid, f"http://{control.http_addr}/ready"),
                 f"xDS and CA; debug http://{control.http_addr}",
+            )
+        )
+    if lab.jaeger:
+        tracer = lab.jaeger
+        rows.append(
+            PeerStatus(
+                "jaeger",
+                tracer.version,
+                f"zipkin http://{tracer.zipkin_addr}",
+                serving(tracer.pid, f"http://{tracer.health_addr}/status"),
+                f"traces: {tracer.query_url}/api/traces; OTLP grpc://{tracer.otlp_addr}",
             )
         )
     if lab.envoy:

@@ -65,6 +65,14 @@ class IstiodInfo(Process):
     envoy: str  # likewise, the Envoy binary pods run
 
 
+class JaegerInfo(Process):
+    version: str
+    zipkin_addr: str  # <bridge>:9411, where sidecars send spans (Zipkin v2 JSON)
+    otlp_addr: str  # <bridge>:4317, OTLP over gRPC
+    query_url: str  # http://<bridge>:16686: /api/traces/<id>
+    health_addr: str  # 127.0.0.1:<port>/status
+
+
 class Pod(BaseModel):
     """A lab pod: a network namespace on the bridge whose Pod object, ServiceAccount and Service are in the API
     server, with pilot-agent (and its Envoy) as the sidecar and a small test app."""
@@ -103,6 +111,7 @@ class LabState(BaseModel):
     controller_manager: ControllerManagerInfo | None = None
     dns: ClusterDnsInfo | None = None
     istiod: IstiodInfo | None = None
+    jaeger: JaegerInfo | None = None
     envoy: EnvoyInfo | None = None
     hosts: list[Host] = []
     pods: list[Pod] = []

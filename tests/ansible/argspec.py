@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, TypeAdapter
 from pydantic.fields import FieldInfo
 
-from meshvm.config import AgentConfig, AgentSpec, ConsulSpec, EnvoySpec, IstioSpec
+from meshvm.config import AgentConfig, AgentSpec, ConsulSpec, EnvoySpec, IstioSpec, TracingSpec
 
 REPO = Path(__file__).resolve().parents[2]
 ARGUMENT_SPECS = REPO / "roles" / "meshvm_agent" / "meta" / "argument_specs.yml"
@@ -30,7 +30,10 @@ SECTIONS: dict[str, tuple[str, type[BaseModel], frozenset[str]]] = {
     "meshvm_agent_agent": ("agent", AgentSpec, frozenset()),
 }
 # Optional sections: null (the default) leaves them out of agent.yaml; set, their required fields are required.
-OPTIONAL_SECTIONS: dict[str, tuple[str, type[BaseModel]]] = {"meshvm_agent_istio": ("istio", IstioSpec)}
+OPTIONAL_SECTIONS: dict[str, tuple[str, type[BaseModel]]] = {
+    "meshvm_agent_istio": ("istio", IstioSpec),
+    "meshvm_agent_tracing": ("tracing", TracingSpec),
+}
 SERVICES_VAR = "meshvm_agent_services"
 # Top-level fields of AgentConfig and the role variables that carry them.
 SCALARS = {"meshvm_agent_node": "node", "meshvm_agent_address": "address"}

@@ -199,6 +199,45 @@ def test_websocket_upgrades_on_http_services_only(ca: MeshCA, tmp_path: Path, en
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+@pytest.mark.parametrize("which", ["newest", "oldest"])
+def test_tracing_spans_both_sides_and_each_service_samples_its_own_share(
+    ca: MeshCA, tmp_path: Path, which: str, envoy_bin: Path, envoy_oldest_bin: Path
+) -> None:
+    policy = {**POLICY, "services": {**POLICY["services"], "rpc": {"trace_sampling": 0}}}
+    config = parse_config(
+        {
+            **CONFIG,
+            "envoy": {"config_dir": str(tmp_path)},
+            "tracing": {"zipkin_address": "198.51.100.1:9411", "sampling": 25},
+        }
+    )
+    snap = Snapshot(**{**snapshot(ca, tmp_path, policy).__dict__, "config": config})
+    resources = r.build(snap, r.Layout(tmp_path))
+    listeners = {x["name"]: x for x in resources.listeners}
+    sampling = {
+        name: _hcm(listener)["tracing"]["random_sampling"]["value"]
+        for name, listener in listeners.items()
+        if "tracing" in _hcm(listener)
+    }
+    # Calls to rpc and rpc's own inbound follow rpc's policy; the rest the VM's default; tcp has no spans.
+    assert sampling == {"inbound.web": 25, "inbound.rpc": 0, "outbound.web.api": 25, "outbound.web.rpc": 0}
+    zipkin = _hcm(listeners["inbound.web"])["tracing"]["provider"]["typed_config"]
+    assert zipkin["collector_cluster"] == r.TRACING_CLUSTER
+    assert zipkin["shared_span_context"] is False
+    assert zipkin["trace_context_option"] == "USE_B3_WITH_W3C_PROPAGATION"
+    collector = next(c for c in bootstrap(config)["static_resources"]["clusters"] if c["name"] == r.TRACING_CLUSTER)
+    endpoint = collector["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    assert endpoint["address"]["socket_address"] == {"address": "198.51.100.1", "port_value": 9411}
+    log_format = _hcm(listeners["inbound.web"])["access_log"][0]["typed_config"]["log_format"]["json_format"]
+    assert log_format["trace_id"] == "%TRACE_ID%"
+    untraced = r.build(snapshot(ca, tmp_path), r.Layout(tmp_path))
+    assert not any("tracing" in _hcm(x) for x in untraced.listeners if x["name"] != "inbound.db")
+    done = envoy_validate(
+        envoy_bin if which == "newest" else envoy_oldest_bin, static_equivalent(config, resources), tmp_path
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 def test_outbound_cluster_verifies_the_destination_identity(ca: MeshCA, tmp_path: Path) -> None:
     resources = r.build(snapshot(ca, tmp_path), r.Layout(tmp_path))
     cluster = next(c for c in resources.clusters if c["name"] == "out.web.api")

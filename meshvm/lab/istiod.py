@@ -38,13 +38,16 @@ UPSTREAM_ENVOY_SWITCHES = {
 
 
 def mesh_config() -> dict[str, Any]:
-    """The MeshConfig istiod runs with: mTLS chosen automatically, JSON access logs, the lab's istiod address."""
+    """The MeshConfig istiod runs with: mTLS chosen automatically, JSON access logs, tracing, the lab's istiod."""
     return {
         "trustDomain": TRUST_DOMAIN,
         "rootNamespace": SYSTEM_NAMESPACE,
         "enableAutoMtls": True,
         "accessLogFile": "/dev/stdout",
         "accessLogEncoding": "JSON",
+        # Sidecars trace every request to the lab's Jaeger; the collector is in each pod's proxy config (Istio's
+        # MeshConfig-wide tracing, not the Telemetry API: no Service for Jaeger is needed in the cluster).
+        "enableTracing": True,
         "defaultConfig": {"discoveryAddress": f"{HOST}:{XDS_PORT}"},
     }
 

@@ -180,6 +180,7 @@ def _write_access_files(lab: LabState, known_hosts: list[str], inventory: Path) 
         **lab_bootstrap(lab).ansible_vars(),
         "meshvm_policy_consul_http_addr": lab.consul.http_addr,
         "meshvm_policy_consul_token": lab.consul.management_token,
+        **({"meshvm_lab_zipkin_address": lab.jaeger.zipkin_addr} if lab.jaeger else {}),
         **_istio_vars(lab),
     }
     atomic_write(

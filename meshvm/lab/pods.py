@@ -32,7 +32,7 @@ from typing import Any
 from meshvm.errors import OperationFailedError
 from meshvm.fsutil import atomic_write
 from meshvm.kube import client
-from meshvm.lab import istiod, network
+from meshvm.lab import istiod, jaeger, network
 from meshvm.lab.kube import NODE
 from meshvm.lab.procs import alive, http_ok, run, spawn, stop, wait_until
 from meshvm.lab.state import IstiodInfo, LabState, Pod
@@ -185,6 +185,8 @@ def sidecar_environment(pod: Pod, lab_istiod: IstiodInfo) -> dict[str, str]:
         "concurrency": 2,
         "drainDuration": "2s",
         "terminationDrainDuration": "1s",
+        # Zipkin spans of every request to the lab's Jaeger (pilot-agent puts the collector in the bootstrap).
+        "tracing": {"zipkin": {"address": f"{network.BRIDGE_ADDRESS}:{jaeger.ZIPKIN_PORT}"}, "sampling": 100.0},
     }
     probers = {APP_PROBE: {"httpGet": {"path": "/healthz", "port": HTTP_PORT}, "timeoutSeconds": 2}}
     return {

@@ -5,41 +5,17 @@ from __future__ import annotations
 
 import json
 import secrets
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from meshvm.lab.procs import wait_until
 from meshvm.lab.state import LabState
 from tests.support.mesh import MeshNode, wait_for
+from tests.support.tracing import jaeger_trace, spans_by_service, tag, wait_trace
 from tests.support.traffic import HttpServer, http_get
 
 pytestmark = pytest.mark.lab
-
-
-def jaeger_trace(lab: LabState, trace_id: str) -> dict[str, Any] | None:
-    """The trace as Jaeger's query API gives it, or None while Jaeger has no span of it."""
-    assert lab.jaeger is not None
-    try:
-        with urllib.request.urlopen(f"{lab.jaeger.query_url}/api/traces/{trace_id}", timeout=3) as response:
-            data = json.loads(response.read())["data"]
-    except urllib.error.HTTPError as exc:
-        if exc.code == 404:
-            return None
-        raise
-    return dict(data[0]) if data else None
-
-
-def spans_by_service(trace: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    services = {key: p["serviceName"] for key, p in trace["processes"].items()}
-    return {services[s["processID"]]: s for s in trace["spans"]}
-
-
-def tag(span: dict[str, Any], key: str) -> Any:
-    return next((t["value"] for t in span.get("tags", []) if t["key"] == key), None)
 
 
 class Traced:
@@ -53,15 +29,8 @@ class Traced:
         assert status == 200, body
         return dict(json.loads(body)["headers"])
 
-    def wait_trace(self, trace_id: str, spans: int = 2) -> dict[str, Any]:
-        found: dict[str, Any] = {}
-
-        def complete() -> bool:
-            found["trace"] = jaeger_trace(self.lab, trace_id)
-            return found["trace"] is not None and len(found["trace"]["spans"]) >= spans
-
-        wait_until(f"{spans} spans of trace {trace_id} in Jaeger", complete, timeout=20)
-        return dict(found["trace"])
+    def wait_trace(self, trace_id: str) -> dict[str, Any]:
+        return wait_trace(self.lab, trace_id, spans=2)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +47,7 @@ def traced(
     client = node_factory("client")
     client.add_service(names["web"], 1, check={"type": "none"}, upstreams=[{"service": names["api"]}])
     for node in (server, client):
-        node.tracing = {"zipkin_address": lab.jaeger.zipkin_addr, "sampling": 100}
+        node.sections["tracing"] = {"zipkin_address": lab.jaeger.zipkin_addr, "sampling": 100}
         node.start()
     wait_for("api's sidecar", lambda: len(client.endpoints(f"out.{names['web']}.{names['api']}")) == 1, timeout=20)
     yield Traced(lab, names, client, app)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import shlex
 import subprocess
 import sys
@@ -28,7 +29,8 @@ from meshvm.lab.procs import stop
 from meshvm.lab.state import LabState
 from tests.support.mesh import management, meshvm_exe, wait_for
 from tests.support.mesh import ssh as _ssh
-from tests.support.pods import LOOP, curl, curl_until, envoy_admin, eventually
+from tests.support.pods import LOOP, curl, curl_until, envoy_admin, eventually, in_pod
+from tests.support.tracing import tag, wait_trace
 
 pytestmark = pytest.mark.lab
 REPO = Path(__file__).resolve().parents[2]
@@ -300,6 +302,27 @@ def test_pod_calls_vm_by_kubernetes_name_over_istio_mtls(joined: LabState, istio
     # mTLS: the VM's Envoy sets it only from a client certificate it verified under Istio's root).
     clusters = envoy_admin(joined, "pod1", "/clusters")
     assert f"outbound|8080||api.meshvm.svc.cluster.local::{joined.host('vm2').address}:21000::" in clusters
+
+
+def test_pod_to_vm_request_is_one_trace_with_the_pods_and_the_vms_spans(joined: LabState, istio_objects: Any) -> None:
+    """pod1's app starts a trace (B3 headers, what Istio's sidecars read); pod1's sidecar (configured by istiod) and
+    vm2's (configured by meshvm) both report to the lab's Jaeger: one trace, the VM's span a child of the pod's."""
+    trace_id, parent = secrets.token_hex(16), secrets.token_hex(8)
+    b3 = {"x-b3-traceid": trace_id, "x-b3-spanid": parent, "x-b3-sampled": "1"}
+    headers = [arg for name, value in b3.items() for arg in ("-H", f"{name}: {value}")]
+    done = in_pod(joined, "pod1", "curl", "-s", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}", *headers, API)
+    assert done.stdout == "200", done.stdout + done.stderr
+    trace = wait_trace(joined, trace_id, spans=2)
+    services = {key: p["serviceName"] for key, p in trace["processes"].items()}
+    pod_spans = [s for s in trace["spans"] if services[s["processID"]].endswith(".shop")]
+    vm_spans = [s for s in trace["spans"] if services[s["processID"]] == "api.meshvm"]
+    assert len(pod_spans) == 1, services
+    assert len(vm_spans) == 1, services
+    pod_span, vm_span = pod_spans[0], vm_spans[0]
+    assert [(r["refType"], r["spanID"]) for r in pod_span["references"]] == [("CHILD_OF", parent)]
+    assert tag(pod_span, "span.kind") == "client"
+    assert [(r["refType"], r["spanID"]) for r in vm_span["references"]] == [("CHILD_OF", pod_span["spanID"])]
+    assert tag(vm_span, "span.kind") == "server"
 
 
 def test_vm_calls_pod_over_istio_mtls_and_the_pod_side_authorizes_it(joined: LabState, istio_objects: Any) -> None:

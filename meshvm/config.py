@@ -203,6 +203,17 @@ class EnvoySpec(Strict):
     connect_timeout: Duration = 2.0
 
 
+LOCALITY_LABEL = r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$"
+
+
+class LocalitySpec(Strict):
+    """Where the VM runs. Callers send to instances in their own zone first, then their region, then further (the
+    policy's ``locality.failover`` orders regions); registered as the services' meta ``region`` and ``zone``."""
+
+    region: str = Field(pattern=LOCALITY_LABEL)
+    zone: str = Field("", pattern=r"^$|" + LOCALITY_LABEL)
+
+
 class TracingSpec(Strict):
     """Distributed tracing by the sidecar: a span per request on each side of every hop, propagated in B3 headers
     (what Istio's sidecars send) and W3C ``traceparent``, sent as Zipkin v2 JSON (Jaeger, Zipkin and the
@@ -240,6 +251,7 @@ class AgentConfig(Strict):
     agent: AgentSpec = AgentSpec()
     istio: IstioSpec | None = Field(None, description="membership in the cluster's Istio mesh (omit: Consul only)")
     tracing: TracingSpec | None = Field(None, description="where spans go (omit: no tracing)")
+    locality: LocalitySpec | None = Field(None, description="region and zone (omit: every instance is equal)")
     services: list[ServiceSpec] = Field(min_length=1)
 
     @model_validator(mode="after")

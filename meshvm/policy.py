@@ -95,7 +95,14 @@ class Route(Strict):
 class Retries(Strict):
     attempts: int = Field(2, ge=0, le=10)
     retry_on: list[str] = ["connect-failure", "refused-stream", "reset", "5xx"]
+    status_codes: list[int] = Field([503], description="what retriable-status-codes retries")
     per_try_timeout: Duration | None = None
+
+    @model_validator(mode="after")
+    def _codes(self) -> Self:
+        if any(not 100 <= code <= 599 for code in self.status_codes):
+            raise ValueError(f"status_codes must be HTTP statuses (100-599), not {self.status_codes}")
+        return self
 
 
 class CircuitBreaker(Strict):
@@ -141,6 +148,32 @@ class RateLimit(Strict):
     burst: int | None = Field(None, ge=1, description="bucket size; default: requests_per_second")
 
 
+class Failover(Strict):
+    """Callers in region ``from`` that have no healthy instance in their own region go to region ``to`` next."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    from_: str = Field(alias="from", min_length=1)
+    to: str = Field(min_length=1)
+
+
+class LocalityLb(Strict):
+    """Locality-aware load balancing (callers and instances carry a locality): the caller's zone, then its region,
+    then the failover regions in order, then the rest; each step only when the one before has no healthy instance
+    left (Envoy's priority levels, with outlier detection and retries moving to the next level)."""
+
+    enabled: bool = True
+    failover: list[Failover] = []
+
+    @model_validator(mode="after")
+    def _one_order_per_region(self) -> Self:
+        pairs = [(f.from_, f.to) for f in self.failover]
+        if any(a == b for a, b in pairs):
+            raise ValueError("locality.failover: a region cannot fail over to itself")
+        if len(set(pairs)) != len(pairs):
+            raise ValueError("locality.failover: a from/to pair is given twice")
+        return self
+
+
 class ServicePolicy(Strict):
     protocol: Protocol | None = None
     subsets: dict[Name, Subset] = {}
@@ -155,6 +188,7 @@ class ServicePolicy(Strict):
         None, description="percent of calls to this service that start a trace; default: the VM's tracing.sampling"
     )
     circuit_breaker: CircuitBreaker | None = None
+    locality: LocalityLb = LocalityLb()
     outlier_detection: OutlierDetection | None = None
     fault: Fault | None = None
     rate_limit: RateLimit | None = None
@@ -227,6 +261,8 @@ class MeshPolicy(Strict):
                 for field in ("subsets", "rate_limit"):
                     if getattr(service, field):
                         raise ValueError(f"services[{name}].{field}: not for a Kubernetes destination")
+                if service.locality != LocalityLb():
+                    raise ValueError(f"services[{name}].locality: istiod orders a Kubernetes Service's endpoints")
         return self
 
     def for_service(self, name: str) -> ServicePolicy:
@@ -234,7 +270,10 @@ class MeshPolicy(Strict):
 
     def to_json(self) -> str:
         """Canonical JSON: what is stored in Consul KV and compared by `policy diff`."""
-        return json.dumps(self.model_dump(mode="json", exclude_defaults=True), sort_keys=True, indent=2) + "\n"
+        return (
+            json.dumps(self.model_dump(mode="json", exclude_defaults=True, by_alias=True), sort_keys=True, indent=2)
+            + "\n"
+        )
 
 
 def parse_policy(data: object, source: str) -> MeshPolicy:

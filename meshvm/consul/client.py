@@ -98,6 +98,8 @@ class ConsulClient:
             meta = {**service.meta, "protocol": service.protocol, "managed-by": "meshvm"}
             if service.version:
                 meta["version"] = service.version
+            if config.locality is not None:
+                meta |= {"region": config.locality.region, "zone": config.locality.zone}
             common = {"address": config.address, "tags": service.tags, "meta": meta, "replace_existing_checks": True}
             self._register(service.name, port=service.port, check=self._app_check(service, service.check), **common)
             sidecar_checks = [

@@ -78,9 +78,12 @@ def _node(config: AgentConfig) -> JSON:
     metadata its xDS server reads (namespace and ServiceAccount must match the VM's Istio certificate)."""
     services = [s.name for s in config.services]
     istio = config.istio
+    # istiod orders a Kubernetes Service's endpoints for the VM by this, as it does for its own sidecars.
+    locality = {"locality": config.locality.model_dump()} if config.locality is not None else {}
     if istio is None:
-        return {"id": config.node, "cluster": services[0], "metadata": {"meshvm_services": services}}
+        return {"id": config.node, "cluster": services[0], "metadata": {"meshvm_services": services}, **locality}
     return {
+        **locality,
         "id": f"sidecar~{config.address}~{config.node}.{istio.namespace}~{istio.namespace}.svc.{istio.cluster_domain}",
         "cluster": f"{istio.service_account}.{istio.namespace}",
         "metadata": {

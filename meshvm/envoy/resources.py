@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from meshvm.config import HTTP_PROTOCOLS, AgentConfig, ServiceSpec, UpstreamSpec
+from meshvm.config import HTTP_PROTOCOLS, AgentConfig, LocalitySpec, ServiceSpec, UpstreamSpec
 from meshvm.envoy import types as t
 from meshvm.envoy.snapshot import Instance, Snapshot
 from meshvm.envoy.types import JSON
@@ -34,6 +34,7 @@ from meshvm.policy import (
     AuthorizationRule,
     CircuitBreaker,
     HeaderMatch,
+    LocalityLb,
     MeshPolicy,
     Retries,
     Route,
@@ -52,7 +53,9 @@ TRACING_CLUSTER = "meshvm.tracing"  # the collector spans go to (a static cluste
 ISTIO_ALPNS = ("istio", "istio-peer-exchange", "istio-http/1.0", "istio-http/1.1", "istio-h2")
 # Without a retry policy, still retry what never reached the application (a dead instance not yet known as dead,
 # a stream refused by a draining peer) on another host: safe for any request, as Istio does by default.
-DEFAULT_RETRIES = Retries(attempts=2, retry_on=["connect-failure", "refused-stream"])
+# Safe for any request, as Istio's sidecars do by default: a request that never reached the app (no connection, a
+# refused stream, a 503 from the callee's sidecar whose app is gone) goes to another instance.
+DEFAULT_RETRIES = Retries(attempts=2, retry_on=["connect-failure", "refused-stream", "retriable-status-codes"])
 DENY_ALL: JSON = {"action": "ALLOW", "policies": {}}  # an ALLOW rule set with no policy lets nobody in
 SPIFFE_ANY_SERVICE = r"[^/]+"
 
@@ -546,18 +549,53 @@ def _with_policy(cluster: JSON, snapshot: Snapshot, policy: ServicePolicy, h2: b
     return cluster
 
 
-def _load_assignment(name: str, instances: list[Instance]) -> JSON:
-    endpoints = [
-        {
-            "endpoint": {"address": t.socket_address(i.address, i.port)},
-            "health_status": "HEALTHY" if i.healthy else "UNHEALTHY",
-        }
-        for i in sorted(instances, key=lambda i: (i.address, i.port))
-    ]
-    return {"cluster_name": name, "endpoints": [{"lb_endpoints": endpoints}] if endpoints else []}
+def locality_priorities(caller: LocalitySpec | None, lb: LocalityLb, instances: list[Instance]) -> dict[Instance, int]:
+    """Envoy priority of each instance for a caller at ``caller``: its zone first, then its region, then the
+    policy's failover regions in order, then everything else (instances without a locality too). Levels are dense
+    (Envoy refuses a gap); without a caller locality, or with locality load balancing off, everyone is level 0."""
+    if caller is None or not lb.enabled:
+        return dict.fromkeys(instances, 0)
+    failover = [f.to for f in lb.failover if f.from_ == caller.region]
+
+    def rank(instance: Instance) -> int:
+        meta = instance.meta_dict()
+        region, zone = meta.get("region"), meta.get("zone", "")
+        if region == caller.region:
+            return 0 if zone == caller.zone else 1
+        if region in failover:
+            return 2 + failover.index(region)
+        return 2 + len(failover)
+
+    ranks = {i: rank(i) for i in instances}
+    dense = {r: n for n, r in enumerate(sorted(set(ranks.values())))}
+    return {i: dense[r] for i, r in ranks.items()}
 
 
-def _route_action(policy: ServicePolicy, targets: list[tuple[str, int]], protocol: str) -> JSON:
+def _load_assignment(name: str, instances: list[Instance], priorities: dict[Instance, int]) -> JSON:
+    groups: dict[tuple[int, str, str], list[JSON]] = {}
+    for i in sorted(instances, key=lambda i: (i.address, i.port)):
+        meta = i.meta_dict()
+        group = groups.setdefault((priorities[i], meta.get("region", ""), meta.get("zone", "")), [])
+        group.append(
+            {
+                "endpoint": {"address": t.socket_address(i.address, i.port)},
+                "health_status": "HEALTHY" if i.healthy else "UNHEALTHY",
+            }
+        )
+    localities = []
+    for (priority, region, zone), endpoints in sorted(groups.items()):
+        locality: JSON = {"lb_endpoints": endpoints}
+        if region:
+            locality["locality"] = {"region": region, "zone": zone}
+        if priority:
+            locality["priority"] = priority
+        localities.append(locality)
+    return {"cluster_name": name, "endpoints": localities}
+
+
+def _route_action(
+    policy: ServicePolicy, targets: list[tuple[str, int]], protocol: str, *, failover: bool = False
+) -> JSON:
     action: JSON
     if len(targets) == 1:
         action = {"cluster": targets[0][0]}
@@ -580,8 +618,17 @@ def _route_action(policy: ServicePolicy, targets: list[tuple[str, int]], protoco
         ],
         "host_selection_retry_max_attempts": 3,
     }
+    if "retriable-status-codes" in retries.retry_on:
+        retry["retriable_status_codes"] = retries.status_codes
     if retries.per_try_timeout is not None:
         retry["per_try_timeout"] = t.duration(retries.per_try_timeout)
+    if failover:
+        # A retry after two failed attempts at one level goes to the next: while the caller's zone dies, requests
+        # already under way finish in the next zone instead of failing before health checks catch up.
+        retry["retry_priority"] = {
+            "name": "envoy.retry_priorities.previous_priorities",
+            "typed_config": {"@type": t.PREVIOUS_PRIORITIES, "update_frequency": 2},
+        }
     action["retry_policy"] = retry
     return _idle(action, policy)
 
@@ -642,6 +689,7 @@ def _outbound(snapshot: Snapshot, layout: Layout, source: ServiceSpec, upstream:
     base = f"out.{source.name}.{key}"
     # Sidecar to sidecar over Consul's mesh is HTTP/2 whatever the app speaks; Istio's inbound expects HTTP/1.1 on
     # an HTTP port, as its own sidecars send.
+    failover = False  # more than one locality level among the destination's instances
     if upstream.kubernetes is not None:
         cluster = _istio_upstream(snapshot, layout, base, upstream, protocol)
         resources.clusters.append(_with_policy(cluster, snapshot, policy, protocol in {"http2", "grpc"}))
@@ -650,19 +698,27 @@ def _outbound(snapshot: Snapshot, layout: Layout, source: ServiceSpec, upstream:
         clusters = {base: list(instances)}
         for subset_name, subset in sorted(policy.subsets.items()):
             clusters[f"{base}.{subset_name}"] = _subset_instances(instances, subset)
+        priorities = locality_priorities(config.locality, policy.locality, list(instances))
+        failover = len(set(priorities.values())) > 1
         for name, members in clusters.items():
             cluster = _consul_upstream(snapshot, layout, source, name, destination, h2=protocol in HTTP_PROTOCOLS)
             resources.clusters.append(_with_policy(cluster, snapshot, policy, protocol in HTTP_PROTOCOLS))
-            resources.endpoints[name] = _load_assignment(name, members)
+            resources.endpoints[name] = _load_assignment(name, members, priorities)
     stat = f"outbound_{source.name}_{key}"
     if protocol in HTTP_PROTOCOLS:
         envoy_routes = [
-            {"match": _route_match(r.match), "route": _route_action(policy, _targets(base, r), protocol)}
+            {
+                "match": _route_match(r.match),
+                "route": _route_action(policy, _targets(base, r), protocol, failover=failover),
+            }
             for r in policy.routes
         ]
         if not any(r.match == RouteMatch() for r in policy.routes):
             envoy_routes.append(
-                {"match": {"prefix": "/"}, "route": _route_action(policy, _targets(base, None), protocol)}
+                {
+                    "match": {"prefix": "/"},
+                    "route": _route_action(policy, _targets(base, None), protocol, failover=failover),
+                }
             )
         virtual_host: JSON = {"name": key, "domains": ["*"], "routes": envoy_routes}
         fault = _fault(policy)

@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, TypeAdapter
 from pydantic.fields import FieldInfo
 
-from meshvm.config import AgentConfig, AgentSpec, ConsulSpec, EnvoySpec, IstioSpec, TracingSpec
+from meshvm.config import AgentConfig, AgentSpec, ConsulSpec, EnvoySpec, IstioSpec, LocalitySpec, TracingSpec
 
 REPO = Path(__file__).resolve().parents[2]
 ARGUMENT_SPECS = REPO / "roles" / "meshvm_agent" / "meta" / "argument_specs.yml"
@@ -33,6 +33,7 @@ SECTIONS: dict[str, tuple[str, type[BaseModel], frozenset[str]]] = {
 OPTIONAL_SECTIONS: dict[str, tuple[str, type[BaseModel]]] = {
     "meshvm_agent_istio": ("istio", IstioSpec),
     "meshvm_agent_tracing": ("tracing", TracingSpec),
+    "meshvm_agent_locality": ("locality", LocalitySpec),
 }
 SERVICES_VAR = "meshvm_agent_services"
 # Top-level fields of AgentConfig and the role variables that carry them.

@@ -98,7 +98,7 @@ class MeshNode:
         self.agent_port = free_port()
         self.pids: dict[str, int] = {}
         self.services: list[dict[str, Any]] = []
-        self.tracing: dict[str, Any] | None = None  # agent.yaml tracing: (None: no spans)
+        self.sections: dict[str, Any] = {}  # more of agent.yaml: tracing:, locality:
         self.token_file = self.dir / "consul-token"
         self.token_file.write_text(lab.consul.vm_token)
         self.token_file.chmod(0o600)
@@ -201,7 +201,7 @@ class MeshNode:
             },
             "agent": {"listen_port": self.agent_port, "debounce": "20ms"},
             "services": self.services,
-            **({"tracing": self.tracing} if self.tracing is not None else {}),
+            **self.sections,
         }
 
     @property

@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 
-from meshvm.config import parse_config
+from meshvm.config import LocalitySpec, parse_config
 from meshvm.envoy import resources as r
 from meshvm.envoy.bootstrap import bootstrap, initial_files, static_equivalent
 from meshvm.envoy.snapshot import Instance, Snapshot
 from meshvm.envoy.writer import write
-from meshvm.policy import AuthorizationRule, parse_policy
+from meshvm.policy import AuthorizationRule, LocalityLb, parse_policy
 from tests.support.pki import MeshCA
 
 CONFIG: dict[str, Any] = {
@@ -236,6 +236,88 @@ def test_tracing_spans_both_sides_and_each_service_samples_its_own_share(
         envoy_bin if which == "newest" else envoy_oldest_bin, static_equivalent(config, resources), tmp_path
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _at(address: str, region: str | None, zone: str = "") -> Instance:
+    meta = (("region", region), ("zone", zone)) if region is not None else ()
+    return Instance(address, 21000, node=address, meta=meta)
+
+
+ZONES = (
+    _at("198.51.100.21", "eu", "eu-a"),
+    _at("198.51.100.22", "eu", "eu-a"),
+    _at("198.51.100.23", "eu", "eu-b"),
+    _at("198.51.100.24", "us", "us-a"),
+    _at("198.51.100.25", "ap", "ap-a"),
+    _at("198.51.100.26", None),
+)
+
+
+@pytest.mark.parametrize(
+    ("caller", "failover", "expected"),
+    [
+        # zone, region, then every other region alike (instances without a locality with them)
+        ({"region": "eu", "zone": "eu-a"}, [], [0, 0, 1, 2, 2, 2]),
+        # the failover order puts ap before us, and the rest last
+        (
+            {"region": "eu", "zone": "eu-a"},
+            [{"from": "eu", "to": "ap"}, {"from": "eu", "to": "us"}],
+            [0, 0, 1, 3, 2, 4],
+        ),
+        # levels are dense: a caller in a zone with no instance starts at its region
+        ({"region": "eu", "zone": "eu-c"}, [], [0, 0, 0, 1, 1, 1]),
+        # another region's failover rules are not this caller's
+        ({"region": "us", "zone": "us-a"}, [{"from": "eu", "to": "ap"}], [1, 1, 1, 0, 1, 1]),
+        (None, [{"from": "eu", "to": "ap"}], [0, 0, 0, 0, 0, 0]),
+    ],
+)
+def test_locality_priorities(
+    caller: dict[str, str] | None, failover: list[dict[str, str]], expected: list[int]
+) -> None:
+    spec = LocalitySpec.model_validate(caller) if caller is not None else None
+    priorities = r.locality_priorities(spec, LocalityLb.model_validate({"failover": failover}), list(ZONES))
+    assert [priorities[i] for i in ZONES] == expected
+    off = r.locality_priorities(spec, LocalityLb(enabled=False), list(ZONES))
+    assert set(off.values()) == {0}
+
+
+@pytest.mark.parametrize("which", ["newest", "oldest"])
+def test_locality_levels_reach_envoy_with_retries_moving_down_a_level(
+    ca: MeshCA, tmp_path: Path, which: str, envoy_bin: Path, envoy_oldest_bin: Path
+) -> None:
+    config = parse_config(
+        {**CONFIG, "envoy": {"config_dir": str(tmp_path)}, "locality": {"region": "eu", "zone": "eu-a"}}
+    )
+    policy = {"services": {"api": {"locality": {"failover": [{"from": "eu", "to": "us"}]}}}}
+    snap = Snapshot(**{**snapshot(ca, tmp_path, policy).__dict__, "config": config, "upstreams": {"api": ZONES}})
+    resources = r.build(snap, r.Layout(tmp_path))
+    groups = resources.endpoints["out.web.api"]["endpoints"]
+    seen = [
+        (
+            g.get("priority", 0),
+            g.get("locality"),
+            [e["endpoint"]["address"]["socket_address"]["address"] for e in g["lb_endpoints"]],
+        )
+        for g in groups
+    ]
+    assert seen == [
+        (0, {"region": "eu", "zone": "eu-a"}, ["198.51.100.21", "198.51.100.22"]),
+        (1, {"region": "eu", "zone": "eu-b"}, ["198.51.100.23"]),
+        (2, {"region": "us", "zone": "us-a"}, ["198.51.100.24"]),
+        (3, None, ["198.51.100.26"]),
+        (3, {"region": "ap", "zone": "ap-a"}, ["198.51.100.25"]),
+    ]
+    route = resources.routes["out.web.api"]["virtual_hosts"][0]["routes"][0]["route"]
+    assert route["retry_policy"]["retry_priority"]["name"] == "envoy.retry_priorities.previous_priorities"
+    assert bootstrap(config)["node"]["locality"] == {"region": "eu", "zone": "eu-a"}
+    done = envoy_validate(
+        envoy_bin if which == "newest" else envoy_oldest_bin, static_equivalent(config, resources), tmp_path
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    # Without localities, one group and no retry priority: what every earlier release rendered.
+    plain = r.build(snapshot(ca, tmp_path), r.Layout(tmp_path))
+    assert [set(g) for g in plain.endpoints["out.web.api"]["endpoints"]] == [{"lb_endpoints"}]
+    assert "retry_priority" not in plain.routes["out.web.api"]["virtual_hosts"][0]["routes"][0]["route"]["retry_policy"]
 
 
 def test_outbound_cluster_verifies_the_destination_identity(ca: MeshCA, tmp_path: Path) -> None:

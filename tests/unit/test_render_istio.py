@@ -204,6 +204,11 @@ def test_bootstrap_presents_the_vm_to_istiod_as_a_sidecar_of_its_workload(tmp_pa
         ({"authorization": {"rules": [{"source": "k8s:Shop/x", "destination": "api", "action": "allow"}]}}, "k8s:"),
         ({"services": {"k8s:shop/pod2": {"subsets": {"v1": {"version": "v1"}}}}}, "subsets"),
         ({"services": {"k8s:shop/pod2": {"rate_limit": {"requests_per_second": 5}}}}, "rate_limit"),
+        ({"services": {"k8s:shop/pod2": {"locality": {"enabled": False}}}}, "services[k8s:shop/pod2].locality"),
+        ({"services": {"api": {"locality": {"failover": [{"from": "eu", "to": "eu"}]}}}}, "to itself"),
+        ({"services": {"api": {"locality": {"failover": [{"from": "eu"}]}}}}, "services.api.locality.failover.0.to"),
+        ({"services": {"api": {"protocol": "tcp", "trace_sampling": 10}}}, "trace_sampling needs an HTTP protocol"),
+        ({"services": {"api": {"idle_timeout": "soon"}}}, "services.api.idle_timeout"),
     ],
 )
 def test_kubernetes_names_in_the_policy_are_checked(document: dict[str, Any], fragment: str) -> None:

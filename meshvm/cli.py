@@ -31,7 +31,8 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 lab_app = typer.Typer(
-    help="The lab: real Consul, kube-apiserver, etcd, Envoy and systemd VMs on this machine.", no_args_is_help=True
+    help="The lab: real Consul, kube-apiserver, istiod, Jaeger, Envoy, systemd VMs and meshed pods here.",
+    no_args_is_help=True,
 )
 app.add_typer(lab_app, name="lab")
 
@@ -94,7 +95,7 @@ def lab_up(
     ] = None,
     keep_on_failure: Annotated[bool, typer.Option(help="Leave a half-built lab in place to inspect.")] = False,
 ) -> None:
-    """Build (once) and start the lab: Consul, kube-apiserver + etcd, kube-controller-manager, istiod, VMs and
+    """Build (once) and start the lab: Consul, kube-apiserver + etcd, kube-controller-manager, istiod, Jaeger, VMs and
     meshed pods; print its peers. Needs root."""
     lab = _lab()
 

@@ -185,8 +185,9 @@ def sidecar_environment(pod: Pod, lab_istiod: IstiodInfo) -> dict[str, str]:
         "concurrency": 2,
         "drainDuration": "2s",
         "terminationDrainDuration": "1s",
-        # Zipkin spans of every request to the lab's Jaeger (pilot-agent puts the collector in the bootstrap).
-        "tracing": {"zipkin": {"address": f"{network.BRIDGE_ADDRESS}:{jaeger.ZIPKIN_PORT}"}, "sampling": 100.0},
+        # Spans to the lab's Jaeger (pilot-agent puts the collector in the bootstrap), at Istio's default sampling
+        # of 1 %: a request that arrives sampled (B3 x-b3-sampled: 1) is traced whatever the rate.
+        "tracing": {"zipkin": {"address": f"{network.BRIDGE_ADDRESS}:{jaeger.ZIPKIN_PORT}"}, "sampling": 1.0},
     }
     probers = {APP_PROBE: {"httpGet": {"path": "/healthz", "port": HTTP_PORT}, "timeoutSeconds": 2}}
     return {

@@ -69,6 +69,8 @@ def test_one_request_is_one_trace_with_the_client_span_parent_of_the_server_span
     assert [(r["refType"], r["spanID"]) for r in server["references"]] == [("CHILD_OF", client["spanID"])]
     assert received["x-b3-spanid"] == server["spanID"], "the app sees the server span as its parent"
     assert tag(server, "http.status_code") == "200"
+    logged = [json.loads(line) for line in (traced.client.dir / "access.log").read_text().splitlines()]
+    assert trace_id in {entry["trace_id"] for entry in logged}, "the access log names the trace"
 
 
 def test_an_incoming_w3c_trace_is_continued(traced: Traced) -> None:

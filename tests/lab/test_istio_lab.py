@@ -236,6 +236,10 @@ def test_lab_status_lists_istiod_and_the_pods(lab: LabState, meshvm_cli: str) ->
     istiod_row = next(line for line in done.stdout.splitlines() if "istiod" in line)
     assert lab.istiod.version in istiod_row
     assert "running" in istiod_row
+    assert lab.jaeger is not None
+    jaeger_row = next(line for line in done.stdout.splitlines() if "jaeger" in line)
+    assert lab.jaeger.version in jaeger_row
+    assert "running" in jaeger_row
     for pod in lab.pods:
         row = next(line for line in done.stdout.splitlines() if f"{pod.namespace}/{pod.name}" in line)
         assert pod.address in row

@@ -146,3 +146,16 @@ def test_graph_refuses_bad_input_in_one_line(meshvm_cli: str, args: list[str], e
     assert done.returncode == 2, done.stderr
     assert expected in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_the_readmes_policy_example_is_a_valid_policy(meshvm_cli: str, tmp_path: Path) -> None:
+    """Every knob the README shows is one the model takes (the example is checked as users would check it)."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in readme.split("```yaml\n")[1:]]
+    example = next(b for b in blocks if b.startswith("version: 1\nauthorization:"))
+    for knob in ("idle_timeout", "trace_sampling", "failover"):
+        assert knob in example
+    path = tmp_path / "readme-policy.yaml"
+    path.write_text(example)
+    done = run(meshvm_cli, "policy", "validate", "-f", str(path))
+    assert done.returncode == 0, done.stderr

@@ -12,7 +12,7 @@ the machine falls on all of them alike:
     mixed   pod1 fortio -> pod1 sidecar -> Istio mTLS -> vm2 sidecar -> vm2 fortio         pod -> VM
 
     .venv/bin/python -m bench.dataplane [--qps 1000] [--connections 16] [--duration 20] [--rounds 3] [--h2]
-                                        [--variant access-log-off|tcp]
+                                        [--variant access-log-off|tcp|tracing-off]
 
 Needs the lab with two pods and vm1 (web, calling api) and vm2 (api) joined into both meshes, as `scripts/demo`
 leaves it. For the run, vm2's demo `api` app and pod2's app are replaced by fortio's server on the same ports;
@@ -210,11 +210,17 @@ def tcp_proxying(config: dict[str, Any], service: str) -> bool:
     return bool(mine)
 
 
+def tracing_off(config: dict[str, Any], service: str) -> bool:
+    """No spans and no trace headers (the lab's VMs trace 1 % of requests, as its pods do)."""
+    return config.pop("tracing", None) is not None
+
+
 # Features the shipped configuration has that the floor has not, each switched off on the VMs for a run: what
 # each one costs is the difference to a run of the shipped configuration.
 VARIANTS: dict[str, Callable[[dict[str, Any], str], bool]] = {
     "access-log-off": access_log_off,
     "tcp": tcp_proxying,
+    "tracing-off": tracing_off,
 }
 
 

@@ -139,3 +139,7 @@ def test_variants_switch_off_one_feature_and_say_when_they_change_nothing() -> N
     assert not dataplane.VARIANTS["tcp"]({"services": [{"name": "web", "protocol": "http"}]}, "api")
     assert dataplane.VARIANTS["access-log-off"](config, "api")
     assert config["envoy"] == {"access_log_path": None}
+    assert not dataplane.VARIANTS["tracing-off"](config, "api"), "nothing to switch off"
+    config["tracing"] = {"zipkin_address": "198.51.100.1:9411"}
+    assert dataplane.VARIANTS["tracing-off"](config, "api")
+    assert "tracing" not in config

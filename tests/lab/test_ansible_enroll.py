@@ -4,7 +4,8 @@ Each case runs the real ansible-playbook on a freshly reset VM (vm3) and checks 
 the host is left with: a missing or mistyped variable is named by the argument specs, a configuration meshvm's
 model refuses is reported with meshvm's own message, a checksum mismatch stops the run before anything is
 installed (with the expected and the actual sha256), --check changes nothing, and an unreachable host is
-reported while the others are enrolled.
+reported while the others are enrolled; the collection built from this tree and installed elsewhere enrols
+by its collection name.
 """
 
 from __future__ import annotations
@@ -168,3 +169,54 @@ def test_an_unreachable_host_is_reported_and_the_others_enrol(fresh: LabState, i
     assert "unreachable=0" in enrolled, recap
     for unit in ("consul", "meshvm-agent", "envoy"):
         assert _on_vm(fresh, "systemctl", "is-active", unit).stdout.strip() == "active", unit
+
+
+def test_the_installed_collection_runs_enroll_by_its_collection_name(
+    fresh: LabState, inventory: Path, tmp_path: Path
+) -> None:
+    """The roles and playbooks built and installed as the collection meshvm.mesh (as AWX would have them), away
+    from this checkout: `meshvm.mesh.enroll` on the host just enrolled finds everything in place."""
+    galaxy = shutil.which("ansible-galaxy") or str(REPO / ".venv" / "bin" / "ansible-galaxy")
+    built = subprocess.run(
+        [galaxy, "collection", "build", "--output-path", str(tmp_path), str(REPO)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert built.returncode == 0, built.stdout + built.stderr
+    tarball = next(tmp_path.glob("meshvm-mesh-*.tar.gz"))
+    installed = tmp_path / "collections"
+    done = subprocess.run(
+        [galaxy, "collection", "install", "--force", "-p", str(installed), str(tarball)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    env = {**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"), "ANSIBLE_COLLECTIONS_PATH": str(installed)}
+    binary = shutil.which("ansible-playbook") or str(REPO / ".venv" / "bin" / "ansible-playbook")
+    run = subprocess.run(
+        [binary, "-i", str(inventory), "meshvm.mesh.enroll", "--limit", HOST],
+        cwd=tmp_path,
+        env={**env, "ANSIBLE_NOCOLOR": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=1200,
+        check=False,
+    )
+    assert run.returncode == 0, run.stdout[-3000:]
+    found = subprocess.run(
+        [galaxy, "collection", "list", "meshvm.mesh"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert str(installed) in found.stdout, "the run saw the installed copy"
+    assert str(REPO / "collections") not in found.stdout, "and not this checkout"
+    recap = run.stdout[run.stdout.rindex("PLAY RECAP") :]
+    line = next(line for line in recap.splitlines() if line.startswith(HOST))
+    assert "changed=0" in line, recap
+    assert "failed=0" in line, recap

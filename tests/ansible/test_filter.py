@@ -14,7 +14,7 @@ from ansible.errors import AnsibleFilterError
 from meshvm.config import load_config
 from tests.ansible.argspec import REPO
 
-PLUGIN = REPO / "roles" / "meshvm_agent" / "filter_plugins" / "meshvm_config.py"
+PLUGIN = REPO / "plugins" / "filter" / "meshvm_config.py"
 
 
 @pytest.fixture(scope="module")

@@ -325,6 +325,27 @@ def test_pod_to_vm_request_is_one_trace_with_the_pods_and_the_vms_spans(joined: 
     assert tag(vm_span, "span.kind") == "server"
 
 
+def test_vm_to_vm_and_vm_to_pod_requests_are_traces_with_both_sidecars_spans(joined: LabState) -> None:
+    """vm1's app sends a W3C traceparent; its sidecar continues that trace to an api VM (meshvm's sidecar there) and
+    to pod2 (Istio's sidecar, which reads the B3 headers meshvm's sidecar writes next to the W3C one)."""
+    for url, callee in (("http://127.0.0.1:9191/", "api."), (WEB_TO_POD2, ".shop")):
+        trace_id, parent = secrets.token_hex(16), secrets.token_hex(8)
+        done = _ssh(
+            joined, "vm1", "curl", "-s", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}",
+            "-H", f"traceparent: 00-{trace_id}-{parent}-01", url,
+        )  # fmt: skip
+        assert done.stdout == "200", done.stdout + done.stderr
+        trace = wait_trace(joined, trace_id, spans=2)
+        services = {key: p["serviceName"] for key, p in trace["processes"].items()}
+        client = [s for s in trace["spans"] if services[s["processID"]].startswith("web")]
+        server = [s for s in trace["spans"] if callee in services[s["processID"]]]
+        assert len(client) == 1, services
+        assert len(server) == 1, services
+        assert [(r["refType"], r["spanID"]) for r in client[0]["references"]] == [("CHILD_OF", parent)]
+        assert [(r["refType"], r["spanID"]) for r in server[0]["references"]] == [("CHILD_OF", client[0]["spanID"])]
+        assert (tag(client[0], "span.kind"), tag(server[0], "span.kind")) == ("client", "server")
+
+
 def test_vm_calls_pod_over_istio_mtls_and_the_pod_side_authorizes_it(joined: LabState, istio_objects: Any) -> None:
     def call() -> tuple[int, str]:
         done = _ssh(joined, "vm1", "curl", "-s", "-m", "5", "-o", "-", "-w", "\n%{http_code}", WEB_TO_POD2)

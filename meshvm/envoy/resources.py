@@ -51,10 +51,9 @@ ISTIOD_CLUSTER = "istiod"  # static, in the bootstrap: xDS (EDS only) and nothin
 TRACING_CLUSTER = "meshvm.tracing"  # the collector spans go to (a static cluster of the bootstrap)
 # What an Istio sidecar offers when it dials another over ISTIO_MUTUAL (with or without metadata exchange).
 ISTIO_ALPNS = ("istio", "istio-peer-exchange", "istio-http/1.0", "istio-http/1.1", "istio-h2")
-# Without a retry policy, still retry what never reached the application (a dead instance not yet known as dead,
-# a stream refused by a draining peer) on another host: safe for any request, as Istio does by default.
-# Safe for any request, as Istio's sidecars do by default: a request that never reached the app (no connection, a
-# refused stream, a 503 from the callee's sidecar whose app is gone) goes to another instance.
+# Without a retry policy, still retry what never reached the application on another host (a dead instance not yet
+# known as dead, a stream refused by a draining peer, a 503 from a callee's sidecar whose app is gone), as Istio's
+# sidecars do by default.
 DEFAULT_RETRIES = Retries(attempts=2, retry_on=["connect-failure", "refused-stream", "retriable-status-codes"])
 DENY_ALL: JSON = {"action": "ALLOW", "policies": {}}  # an ALLOW rule set with no policy lets nobody in
 SPIFFE_ANY_SERVICE = r"[^/]+"
@@ -234,8 +233,7 @@ def _local_cluster(snapshot: Snapshot, service: ServiceSpec) -> JSON:
         cluster["typed_extension_protocol_options"] = {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                 "@type": t.HTTP_PROTOCOL_OPTIONS,
-                # allow_connect: a WebSocket to the peer sidecar rides an extended CONNECT over this HTTP/2
-                "explicit_http_config": {"http2_protocol_options": {"allow_connect": True}},
+                "explicit_http_config": {"http2_protocol_options": {}},
             }
         }
     return cluster

@@ -45,7 +45,7 @@ def mesh_config() -> dict[str, Any]:
         "enableAutoMtls": True,
         "accessLogFile": "/dev/stdout",
         "accessLogEncoding": "JSON",
-        # Sidecars trace every request to the lab's Jaeger; the collector is in each pod's proxy config (Istio's
+        # Sidecars send spans to the lab's Jaeger; the collector and the rate are in each pod's proxy config (Istio's
         # MeshConfig-wide tracing, not the Telemetry API: no Service for Jaeger is needed in the cluster).
         "enableTracing": True,
         "defaultConfig": {"discoveryAddress": f"{HOST}:{XDS_PORT}"},

@@ -25,6 +25,17 @@ def test_pods_get_their_own_addresses_apart_from_vms() -> None:
     assert not vm_addresses & {network.pod_address(i) for i in range(1, 51)}
 
 
+def test_a_host_keeps_its_mac_across_restarts_and_no_two_share_one() -> None:
+    addresses = [network.host_address(i) for i in range(1, 51)] + [network.pod_address(i) for i in range(1, 51)]
+    macs = [network.mac_address(a) for a in addresses]
+    assert macs == [network.mac_address(a) for a in addresses]
+    assert len(set(macs)) == len(macs)
+    assert network.mac_address("198.51.100.102") == "02:00:c6:33:64:66"
+    first = int(macs[0].split(":")[0], 16)
+    assert first & 0b10  # locally administered
+    assert not first & 0b01  # unicast
+
+
 def test_service_selects_the_pod_and_names_its_protocols(pod: Pod) -> None:
     namespace, account, service = pods.manifests(pod)
     assert namespace["metadata"]["name"] == pod.namespace == "shop"

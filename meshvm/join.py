@@ -174,7 +174,7 @@ def _consul_client(material: bootstrap_mod.Bootstrap | None) -> ConsulClient | N
     if material is None or not material.consul_http_addr:
         return None
     spec = ConsulSpec(http_addr=material.consul_http_addr)
-    return ConsulClient(spec, material.acl_token.get_secret_value())
+    return ConsulClient(spec, material.controller_token())
 
 
 def load_bootstrap(target: Target, bootstrap_file: Path | None) -> bootstrap_mod.Bootstrap:
@@ -380,12 +380,25 @@ def join(
     return list(reports.values())
 
 
-def leave(target: Target, names: list[str], *, purge: bool = False, progress: Progress = _quiet) -> list[HostReport]:
-    """Remove from Kubernetes, then drain, deregister from Consul and stop the units. Safe to repeat."""
+def leave(
+    target: Target,
+    names: list[str],
+    *,
+    purge: bool = False,
+    bootstrap_file: Path | None = None,
+    progress: Progress = _quiet,
+) -> list[HostReport]:
+    """Remove from Kubernetes, then drain, deregister from Consul, stop the units and remove the hosts' own
+    Consul ACL tokens. Safe to repeat."""
     if not names:
         raise UsageError("name the hosts to take out of the mesh", hint="meshvm leave vm1 vm2 -i INVENTORY")
     hosts = inventory.select(inventory.load(target.inventory), names)
     reports = _reports(hosts)
+    try:
+        token_vars = load_bootstrap(target, bootstrap_file).token_vars()
+    except MeshvmError as exc:
+        log.warning("the hosts' own Consul ACL tokens stay (no bootstrap material: %s)", exc)
+        token_vars = {}
     try:
         for change in registration.remove_hosts(target.api(), target.namespace, set(hosts)):
             for name in hosts:
@@ -399,7 +412,7 @@ def leave(target: Target, names: list[str], *, purge: bool = False, progress: Pr
         inventory=target.inventory,
         project=target.project,
         limit=list(hosts),
-        extravars={"meshvm_leave_purge": purge},
+        extravars={"meshvm_leave_purge": purge, **token_vars},
         on_task=progress,
     )
     for name, outcome in run.hosts.items():

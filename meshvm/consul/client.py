@@ -8,6 +8,7 @@ Every method raises :class:`meshvm.errors.PeerUnreachableError` when Consul cann
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -148,17 +149,69 @@ class ConsulClient:
         _index, checks = self._call(f"health of node {node}", functools.partial(self.api.health.node, node))
         return list(checks or [])
 
+    def ensure_acl_policy(self, name: str, rules: dict[str, Any]) -> None:
+        """The ACL policy ``name`` with ``rules`` (Consul's rules in their JSON form): made if missing, its rules
+        set again if they differ."""
+        policies = {p["Name"]: p for p in self._call("listing ACL policies", self.api.acl.policy.list)}
+        if name not in policies:
+            try:
+                create = functools.partial(self.api.acl.policy.create, name, rules=rules)
+                self._call(f"creating ACL policy {name}", create)
+                return
+            except OperationFailedError:
+                # Several hosts' runs make the same policy at once: the one that lost finds it made.
+                policies = {p["Name"]: p for p in self._call("listing ACL policies", self.api.acl.policy.list)}
+                if name not in policies:
+                    raise
+        policy_id = policies[name]["ID"]
+        current = self._call(f"reading ACL policy {name}", functools.partial(self.api.acl.policy.read, policy_id))
+        try:
+            same = json.loads(current.get("Rules") or "{}") == rules
+        except ValueError:  # rules written in HCL by someone else
+            same = False
+        if not same:
+            update = functools.partial(self.api.acl.policy.update, policy_id, name, rules=rules)
+            self._call(f"updating ACL policy {name}", update)
+
     def create_acl_token(self, name: str, rules: dict[str, Any], description: str) -> str:
-        """The ACL policy ``name`` with ``rules`` (Consul's rules in their JSON form, made if missing) and a new token
-        holding it; returns the token's secret."""
-        existing = {p["Name"] for p in self._call("listing ACL policies", self.api.acl.policy.list)}
-        if name not in existing:
-            self._call(f"creating ACL policy {name}", functools.partial(self.api.acl.policy.create, name, rules=rules))
+        """A new token holding the ACL policy ``name`` (made with ``rules`` if missing); returns its secret."""
+        self.ensure_acl_policy(name, rules)
         token = self._call(
             f"creating an ACL token for {name}",
             functools.partial(self.api.acl.token.create, description=description, policies_name=[name]),
         )
         return str(token["SecretID"])
+
+    def acl_token(self, accessor_id: str) -> dict[str, Any] | None:
+        """The token with ``accessor_id`` (its secret included, for a token with acl:write), or None."""
+        with _translate(f"reading ACL token {accessor_id}", self.address):
+            try:
+                return dict(self.api.acl.token.read(accessor_id))
+            except consul.NotFound:
+                return None
+            except consul.ACLPermissionDenied as exc:
+                # Consul 1.8 answers a token it does not have with 403 "ACL not found"; newer ones with 404.
+                if "not found" in str(exc).lower():
+                    return None
+                raise
+
+    def put_acl_token(self, accessor_id: str, **fields: Any) -> None:
+        """Create the token ``accessor_id``, or replace what it holds, with ``fields`` (py-consul's arguments of
+        ``acl.token.create``: description, policies_name, node_identities, service_identities). Its secret stays."""
+        exists = self.acl_token(accessor_id) is not None
+        write = (
+            functools.partial(self.api.acl.token.update, accessor_id, **fields)
+            if exists
+            else functools.partial(self.api.acl.token.create, accessor_id=accessor_id, **fields)
+        )
+        self._call(f"writing ACL token {fields.get('description') or accessor_id}", write)
+
+    def delete_acl_token(self, accessor_id: str) -> bool:
+        """Delete the token if it exists; True if it did."""
+        if self.acl_token(accessor_id) is None:
+            return False
+        self._call(f"deleting ACL token {accessor_id}", functools.partial(self.api.acl.token.delete, accessor_id))
+        return True
 
     def registered(self) -> dict[str, Any]:
         return dict(self._call("agent/services", self.api.agent.services))

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from meshvm.config import ConsulSpec
+from meshvm.consul import tokens
 from meshvm.consul.client import ConsulClient
 from meshvm.errors import MeshvmError, OperationFailedError
 from meshvm.fsutil import atomic_write
@@ -21,7 +22,8 @@ from meshvm.lab.procs import free_port, spawn, wait_until
 log = logging.getLogger(__name__)
 
 DATACENTER = "lab"
-# What an enrolled VM may do: register itself and its services, read the catalog and the mesh policy.
+# The lab's shared token (one for every VM's two agents: the bootstrap material's `acl_token` way), which the lab's
+# mesh nodes use; the nspawn VMs get their own two tokens from the issuer token (meshvm.consul.tokens).
 VM_POLICY_NAME = "meshvm-vm"
 VM_POLICY_RULES = {
     "node_prefix": {"": {"policy": "write"}},
@@ -29,6 +31,7 @@ VM_POLICY_RULES = {
     "agent_prefix": {"": {"policy": "read"}},
     "key_prefix": {"meshvm/": {"policy": "read"}},
 }
+ISSUER_POLICY_NAME = "meshvm-issuer"
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,9 @@ def start(binary: Path, state: Path) -> dict[str, Any]:
     )
     atomic_write(config_path, json.dumps(config, indent=2), mode=0o600)
     pid = launch(binary, state)
-    vm_token = _create_vm_token(f"127.0.0.1:{ports.http}", master_token)
+    local = f"127.0.0.1:{ports.http}"
+    vm_token = _create_token(local, master_token, VM_POLICY_NAME, VM_POLICY_RULES, "meshvm lab VMs (shared)")
+    issuer_token = _create_token(local, master_token, ISSUER_POLICY_NAME, tokens.ISSUER_RULES, "meshvm issuer")
     return {
         "pid": pid,
         "http_addr": f"{network.BRIDGE_ADDRESS}:{ports.http}",
@@ -106,6 +111,7 @@ def start(binary: Path, state: Path) -> dict[str, Any]:
         "gossip_key": gossip_key,
         "management_token": master_token,
         "vm_token": vm_token,
+        "issuer_token": issuer_token,
         "log": str(state / "consul" / "consul.log"),
     }
 
@@ -145,13 +151,13 @@ def _has_leader(http_addr: str) -> Any:
     return probe
 
 
-def _create_vm_token(http_addr: str, master_token: str) -> str:
+def _create_token(http_addr: str, master_token: str, policy: str, rules: dict[str, Any], description: str) -> str:
     client = _client(http_addr, master_token)
     # ACL bootstrapping finishes a moment after the leader is elected: until then Consul refuses or fails.
     for _ in range(50):
         try:
-            return client.create_acl_token(VM_POLICY_NAME, VM_POLICY_RULES, "meshvm lab VMs")
+            return client.create_acl_token(policy, rules, description)
         except MeshvmError as exc:
             last = exc
             time.sleep(0.2)
-    raise OperationFailedError(f"Consul would not create the lab VMs' ACL token: {last}")
+    raise OperationFailedError(f"Consul would not create the lab's ACL token {description!r}: {last}")

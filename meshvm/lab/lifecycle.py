@@ -218,7 +218,7 @@ def lab_bootstrap(lab: LabState) -> Bootstrap:
             "retry_join": [consul.serf_lan_addr],
             "consul_http_addr": consul.http_addr,
             "gossip_key": consul.gossip_key,
-            "acl_token": consul.vm_token,
+            "acl_issuer_token": consul.issuer_token,
             "istiod_address": f"{network.BRIDGE_ADDRESS}:{istiod.XDS_PORT}",
             "istiod_name": istiod.HOST,
             "kube_api": kube_info.server,

@@ -32,6 +32,7 @@ class ConsulInfo(Process):
     gossip_key: str
     management_token: str
     vm_token: str
+    issuer_token: str
 
 
 class EtcdInfo(Process):

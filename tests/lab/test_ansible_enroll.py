@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -20,6 +21,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from meshvm.config import ConsulSpec
+from meshvm.consul import tokens
+from meshvm.consul.client import ConsulClient
 from meshvm.lab.state import LabState
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
@@ -171,6 +175,63 @@ def test_an_unreachable_host_is_reported_and_the_others_enrol(fresh: LabState, i
         assert _on_vm(fresh, "systemctl", "is-active", unit).stdout.strip() == "active", unit
 
 
+# Run on the VM: the status of one request to its Consul agent with the token in a file (never on a command line).
+ASK_CONSUL = """
+import json, sys, urllib.error, urllib.request
+token_file, key, method, path, body = sys.argv[1:6]
+token = open(token_file).read().strip()
+if key:
+    token = json.loads(token)["acl"]["tokens"][key]
+request = urllib.request.Request("http://127.0.0.1:8500" + path, method=method, data=body.encode() or None,
+                                 headers={"X-Consul-Token": token})
+try:
+    with urllib.request.urlopen(request, timeout=5) as answer:
+        print(answer.status, answer.read().decode())
+except urllib.error.HTTPError as exc:
+    print(exc.code, exc.read().decode())
+"""
+
+
+def _ask(lab: LabState, token: tuple[str, str], method: str, path: str, body: object = "") -> tuple[int, str]:
+    data = json.dumps(body) if body != "" else ""
+    # ssh hands the remote shell one command line: each argument quoted for it.
+    done = _on_vm(lab, *(shlex.quote(a) for a in ("python3", "-c", ASK_CONSUL, *token, method, path, data)))
+    status, _, text = done.stdout.partition(" ")
+    assert status.isdigit(), done.stdout + done.stderr
+    return int(status), text
+
+
+def test_each_agent_has_its_own_token_which_cannot_register_another_service_or_write_the_policy(
+    fresh: LabState,
+) -> None:
+    """After the enrolment above: vm3's Consul agent and meshvm agent hold tokens of their own, made for vm3."""
+    meshvm = ("/etc/meshvm/consul-token", "")
+    agent = ("/etc/consul.d/secrets.json", "agent")
+    status, me = _ask(fresh, meshvm, "GET", "/v1/acl/token/self")
+    assert status == 200, me
+    me_token = json.loads(me)
+    assert me_token["Description"] == f"meshvm: meshvm agent of {HOST}"
+    assert [s["ServiceName"] for s in me_token["ServiceIdentities"]] == ["api"]
+    status, node = _ask(fresh, agent, "GET", "/v1/acl/token/self")
+    assert status == 200, node
+    node_token = json.loads(node)
+    assert [n["NodeName"] for n in node_token["NodeIdentities"]] == [HOST]
+    assert node_token["AccessorID"] != me_token["AccessorID"]
+    policy_key = "/v1/kv/meshvm/lab-vms/policy"
+    assert _ask(fresh, meshvm, "GET", policy_key)[0] in (200, 404), "meshvm's agent reads the policy"
+    assert _ask(fresh, meshvm, "PUT", policy_key, {"services": {}})[0] == 403
+    assert _ask(fresh, meshvm, "PUT", "/v1/agent/service/register", {"Name": "intruder", "Port": 1})[0] == 403
+    assert _ask(fresh, agent, "PUT", "/v1/agent/service/register", {"Name": "intruder", "Port": 1})[0] == 403
+    assert _ask(fresh, agent, "PUT", policy_key, {"services": {}})[0] == 403
+    # And with those tokens, the host's service and its sidecar are registered (no app runs here: its check fails,
+    # the sidecar's listener check passes).
+    status, checks = _ask(fresh, meshvm, "GET", "/v1/agent/checks")
+    assert status == 200, checks
+    found = {c["Name"]: (c["ServiceID"], c["Status"]) for c in json.loads(checks).values()}
+    assert found["api sidecar listener"] == ("api-sidecar-proxy", "passing"), found
+    assert found["api application"][0] == "api", found
+
+
 def test_the_installed_collection_runs_enroll_by_its_collection_name(
     fresh: LabState, inventory: Path, tmp_path: Path
 ) -> None:
@@ -220,3 +281,13 @@ def test_the_installed_collection_runs_enroll_by_its_collection_name(
     line = next(line for line in recap.splitlines() if line.startswith(HOST))
     assert "changed=0" in line, recap
     assert "failed=0" in line, recap
+
+
+def test_leave_removes_the_host_s_own_tokens(fresh: LabState, inventory: Path) -> None:
+    assert fresh.consul is not None
+    management = ConsulClient(ConsulSpec(http_addr=fresh.consul.local_http_addr), fresh.consul.management_token)
+    accessors = [tokens.accessor_id(fresh.consul.datacenter, HOST, kind) for kind in tokens.KINDS]
+    assert all(management.acl_token(a) is not None for a in accessors), "enroll made them"
+    done = _playbook(inventory, "leave.yml", "--limit", HOST)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert [management.acl_token(a) for a in accessors] == [None, None]

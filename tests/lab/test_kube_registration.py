@@ -119,7 +119,9 @@ def test_bootstrap_material_is_readable_by_the_registrar_only_by_name(lab: LabSt
     assert material.datacenter == lab.consul.datacenter
     assert material.retry_join == [lab.consul.serf_lan_addr]
     assert material.gossip_key.get_secret_value() == lab.consul.gossip_key
-    assert "**" in repr(material.acl_token), "secrets never show in reprs or logs"
+    assert material.acl_issuer_token is not None
+    assert material.acl_issuer_token.get_secret_value() == lab.consul.issuer_token
+    assert lab.consul.issuer_token not in repr(material), "secrets never show in reprs or logs"
     with pytest.raises(ApiException) as listing:
         k8s.CoreV1Api(api).list_namespaced_secret(NS)
     assert listing.value.status == 403

@@ -439,14 +439,15 @@ def test_bad_input_for_the_istio_mesh_gets_one_clear_line(joined: LabState, tmp_
     assert "k8s:<namespace>/<name>" in malformed.stderr
     assert len(malformed.stderr.strip().splitlines()) == 1
     # A namespace that does not exist, so no istiod has published its root there: one line, exit 3.
+    from meshvm.bootstrap import SECRET_KEYS
     from meshvm.lab.lifecycle import lab_bootstrap
 
     material = lab_bootstrap(joined)
     bootstrap_file = tmp_path / "bootstrap.yml"
     bootstrap_file.write_text(
         yaml.safe_dump(
-            material.model_dump(mode="json")
-            | {"gossip_key": material.gossip_key.get_secret_value(), "acl_token": material.acl_token.get_secret_value()}
+            material.model_dump(mode="json", exclude_none=True)
+            | {k: getattr(material, k).get_secret_value() for k in SECRET_KEYS if getattr(material, k) is not None}
         )
     )
     nowhere = _meshvm(
@@ -811,10 +812,32 @@ def test_units_are_sandboxed(mesh_under_load: LabState) -> None:
     assert exposure["meshvm-agent"] <= 3.0, exposure
 
 
+def _own_consul_tokens(lab: LabState, host: str) -> list[str]:
+    """The VM's two Consul ACL tokens (its Consul agent's, its meshvm agent's), made for it at enrolment."""
+    agent = json.loads(_ssh(lab, host, "cat", "/etc/consul.d/secrets.json").stdout)["acl"]["tokens"]["agent"]
+    meshvm = _ssh(lab, host, "cat", "/etc/meshvm/consul-token").stdout.strip()
+    assert agent != meshvm
+    return [agent, meshvm]
+
+
+def test_the_issuer_token_is_on_no_vm(mesh_under_load: LabState) -> None:
+    """Only the controller holds the token that makes the VMs' tokens: no file on a VM has it."""
+    lab = mesh_under_load
+    assert lab.consul is not None
+    for host in ("vm1", "vm2"):
+        found = _ssh(
+            lab, host, "sh", "-c", f"grep -rlF -- {lab.consul.issuer_token!r} /etc /var/lib /opt /root 2>/dev/null",
+            timeout=120,
+        )  # fmt: skip
+        assert found.stdout == "", f"the issuer token is on {host}: {found.stdout}"
+        others = _own_consul_tokens(lab, "vm2" if host == "vm1" else "vm1")
+        assert not set(others) & set(_own_consul_tokens(lab, host)), "each VM has tokens of its own"
+
+
 def test_no_secret_leaks(mesh_under_load: LabState) -> None:
     lab = mesh_under_load
     assert lab.consul is not None
-    secrets = [lab.consul.gossip_key, lab.consul.vm_token]
+    secrets = [lab.consul.gossip_key, lab.consul.issuer_token, *_own_consul_tokens(lab, "vm2")]
     key_pem = json.loads(_ssh(lab, "vm2", "cat", "/var/lib/meshvm/envoy/sds/leaf.api.json").stdout)["resources"][0][
         "tls_certificate"
     ]["private_key"]["inline_string"]
@@ -840,7 +863,7 @@ def test_world_readable_files_hold_no_secret(mesh_under_load: LabState) -> None:
     for host in ("vm1", "vm2"):
         token = _ssh(lab, host, "cat", "/var/lib/meshvm/istio/token").stdout.strip()
         assert token.count(".") == 2, "an Istio refresh token (a JWT) is on the VM"
-        for secret in (lab.consul.gossip_key, lab.consul.vm_token, token):
+        for secret in (lab.consul.gossip_key, *_own_consul_tokens(lab, host), token):
             found = _ssh(
                 lab,
                 host,

@@ -95,13 +95,17 @@ def test_secrets_are_private_and_stay_out_of_configs_and_command_lines(vm: Any, 
     for key in host.run("find /var/lib/meshvm/envoy/sds -name '*.json'").stdout.split():
         private = host.file(key)
         assert (private.user, private.group, private.mode) == ("meshvm", "meshvm", 0o640), key
-    tokens = (lab["consul"]["vm_token"], lab["consul"]["gossip_key"])
+    # The host's own two Consul tokens (made for it at enrolment), the gossip key, and the issuer token that made
+    # them, which must not be on the host at all.
+    agent = json.loads(host.file("/etc/consul.d/secrets.json").content_string)["acl"]["tokens"]["agent"]
+    meshvm = host.file("/etc/meshvm/consul-token").content_string.strip()
+    assert len({agent, meshvm, lab["consul"]["issuer_token"]}) == 3, "each agent has a token of its own"
+    tokens = (agent, meshvm, lab["consul"]["gossip_key"], lab["consul"]["issuer_token"])
     for path in ("/etc/consul.d/consul.json", "/etc/meshvm/agent.yaml", "/etc/meshvm/envoy.json"):
         content = host.file(path).content_string
         assert not any(token in content for token in tokens), f"a secret is in {path}"
     command_lines = host.run("ps -eo args=").stdout
     assert not any(token in command_lines for token in tokens), f"a secret is on a command line on {name}"
-    assert host.file("/etc/consul.d/secrets.json").contains(lab["consul"]["vm_token"])
 
 
 @pytest.mark.units("consul.service", "meshvm-agent.service")

@@ -18,7 +18,7 @@ import consul
 import requests
 
 from meshvm.config import AgentConfig, CheckSpec, ConsulSpec, ServiceSpec
-from meshvm.errors import OperationFailedError, PeerUnreachableError
+from meshvm.errors import MeshvmError, OperationFailedError, PeerUnreachableError
 from meshvm.values import consul_duration
 
 log = logging.getLogger(__name__)
@@ -158,8 +158,9 @@ class ConsulClient:
                 create = functools.partial(self.api.acl.policy.create, name, rules=rules)
                 self._call(f"creating ACL policy {name}", create)
                 return
-            except OperationFailedError:
-                # Several hosts' runs make the same policy at once: the one that lost finds it made.
+            except MeshvmError:
+                # Several hosts' runs make the same policy at once: the one that lost finds it made (Consul 1.8
+                # answers it with a 500, "already exists").
                 policies = {p["Name"]: p for p in self._call("listing ACL policies", self.api.acl.policy.list)}
                 if name not in policies:
                     raise

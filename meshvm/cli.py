@@ -432,14 +432,17 @@ def artifacts_wheelhouse(
 @artifacts_app.command("bundle")
 def artifacts_bundle(
     wheelhouse_dir: Annotated[Path, typer.Argument(help="A wheelhouse from `meshvm artifacts wheelhouse`.")],
+    python_version: Annotated[str, typer.Option(help="Python version on the VMs.")] = "3.11",
+    prefix: Annotated[str, typer.Option(help="Where the VMs' virtualenv is (meshvm_agent_prefix).")] = "/opt/meshvm",
     cache: Annotated[Path | None, typer.Option(help="Cache directory (default: ~/.cache/meshvm)")] = None,
 ) -> None:
-    """Pack a wheelhouse into one tar for pushing to VMs; prints {"path", "wheels", "meshvm_wheel", "manifest"}."""
+    """Install a wheelhouse for the VMs' Python into one archive a VM unpacks into an empty virtualenv at --prefix;
+    prints {"path", "wheels", "meshvm_wheel", "manifest"}."""
     from dataclasses import asdict
 
     from meshvm.artifacts import bundle
 
-    packed = bundle(wheelhouse_dir, cache=cache)
+    packed = bundle(wheelhouse_dir, cache=cache, python_version=python_version, prefix=prefix)
     sys.stdout.write(json.dumps({**asdict(packed), "path": str(packed.path)}) + "\n")
 
 

@@ -1,8 +1,11 @@
-"""`meshvm artifacts bundle`: one deterministic archive per wheelhouse content, and clear errors for a bad one."""
+"""`meshvm artifacts bundle`: the wheelhouse installed on the controller for the VMs' Python, as one deterministic
+archive laid out like the VMs' virtualenv; clear errors for a bad wheelhouse."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import sys
 import tarfile
 import zipfile
 from pathlib import Path
@@ -12,38 +15,100 @@ import pytest
 from meshvm.artifacts import VM_LEAVES_OUT, bundle, strip_wheel
 from meshvm.errors import ConfigError
 
-
-def _wheelhouse(path: Path, names: dict[str, bytes]) -> Path:
-    path.mkdir()
-    for name, content in names.items():
-        (path / name).write_bytes(content)
-    return path
+PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
 
 
-def test_same_wheels_give_the_same_archive_and_a_sha256sum_manifest(tmp_path: Path) -> None:
-    house = _wheelhouse(tmp_path / "wh", {"meshvm-0.1.0-py3-none-any.whl": b"ours", "dep-1.0-py3-none-any.whl": b"d"})
-    first = bundle(house, cache=tmp_path / "cache")
+def _wheel(house: Path, name: str, version: str, modules: dict[str, str]) -> Path:
+    """A minimal valid wheel (pure Python) pip installs."""
+    house.mkdir(exist_ok=True)
+    info = f"{name}-{version}.dist-info"
+    files = {
+        **{f"{module}.py": source for module, source in modules.items()},
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = []
+    for path, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
+        record.append(f"{path},sha256={digest},{len(text.encode())}")
+    files[f"{info}/RECORD"] = "\n".join([*record, f"{info}/RECORD,,"]) + "\n"
+    wheel = house / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as out:
+        for path, text in files.items():
+            out.writestr(zipfile.ZipInfo(path, date_time=(1980, 1, 1, 0, 0, 0)), text)
+    return wheel
+
+
+def _members(archive: Path) -> dict[str, tarfile.TarInfo]:
+    with tarfile.open(archive) as tar:
+        return {member.name: member for member in tar.getmembers()}
+
+
+def _read(archive: Path, name: str) -> str:
+    with tarfile.open(archive) as tar:
+        extracted = tar.extractfile(name)
+        assert extracted is not None
+        return extracted.read().decode()
+
+
+def test_the_archive_is_the_virtualenv_s_contents_and_the_same_wheels_give_the_same_bytes(tmp_path: Path) -> None:
+    house = tmp_path / "wh"
+    _wheel(house, "meshvm", "0.1.0", {"meshvm_mod": "VALUE = 'ours'\n"})
+    dep = _wheel(house, "dep", "1.0", {"dep_mod": "VALUE = 'dep'\n"})
+    first = bundle(house, cache=tmp_path / "cache", python_version=PYTHON)
     first_bytes = first.path.read_bytes()
     first.path.unlink()
-    (house / "dep-1.0-py3-none-any.whl").touch()  # a new mtime must not change the archive
-    again = bundle(house, cache=tmp_path / "cache")
+    dep.touch()  # a new mtime must not change the archive
+    again = bundle(house, cache=tmp_path / "cache", python_version=PYTHON)
     assert again.path == first.path
     assert again.path.read_bytes() == first_bytes
     assert again.meshvm_wheel == "meshvm-0.1.0-py3-none-any.whl"
     assert again.wheels == ["dep-1.0-py3-none-any.whl", "meshvm-0.1.0-py3-none-any.whl"]
-    assert again.manifest.splitlines()[1] == f"{hashlib.sha256(b'ours').hexdigest()}  meshvm-0.1.0-py3-none-any.whl"
+    assert again.manifest.splitlines()[0] == f"{hashlib.sha256(dep.read_bytes()).hexdigest()}  {dep.name}"
+
+    members, site = _members(again.path), f"lib/python{PYTHON}/site-packages"
+    assert _read(again.path, f"{site}/meshvm_mod.py") == "VALUE = 'ours'\n"
+    assert f"{site}/dep_mod.py" in members
+    assert f"{site}/meshvm-0.1.0.dist-info/METADATA" in members
+    # Byte code compiled here (same Python as the target), valid whatever the files' times on the VM.
+    pyc = f"{site}/__pycache__/meshvm_mod.cpython-{PYTHON.replace('.', '')}.pyc"
+    assert pyc in members
     with tarfile.open(again.path) as tar:
-        assert sorted(tar.getnames()) == again.wheels
-        assert tar.extractfile("meshvm-0.1.0-py3-none-any.whl").read() == b"ours"  # type: ignore[union-attr]
+        compiled = tar.extractfile(pyc)
+        assert compiled is not None
+        flags = int.from_bytes(compiled.read()[4:8], "little")
+    assert flags == 0b01  # hash-based, not checked against the source
+    # The launcher names the VM's virtualenv, not the controller's interpreter; nothing else is in bin/.
+    assert [n for n in members if n.startswith("bin/")] == ["bin/meshvm"]
+    assert _read(again.path, "bin/meshvm").startswith("#!/opt/meshvm/bin/python\n")
+    assert "from meshvm.cli import main" in _read(again.path, "bin/meshvm")
+    assert members["bin/meshvm"].mode == 0o755
+    assert members[f"{site}/meshvm_mod.py"].mode == 0o644
+    assert {(m.uid, m.gid, m.mtime) for m in members.values()} == {(0, 0, 0)}
 
 
-def test_a_changed_wheel_gives_a_new_archive(tmp_path: Path) -> None:
-    house = _wheelhouse(tmp_path / "wh", {"meshvm-0.1.0-py3-none-any.whl": b"v1"})
-    before = bundle(house, cache=tmp_path / "cache")
-    (house / "meshvm-0.1.0-py3-none-any.whl").write_bytes(b"v2")
-    after = bundle(house, cache=tmp_path / "cache")
+def test_a_changed_wheel_or_prefix_or_python_gives_a_new_archive(tmp_path: Path) -> None:
+    house = tmp_path / "wh"
+    _wheel(house, "meshvm", "0.1.0", {"meshvm_mod": "VALUE = 1\n"})
+    before = bundle(house, cache=tmp_path / "cache", python_version=PYTHON)
+    elsewhere = bundle(house, cache=tmp_path / "cache", python_version=PYTHON, prefix="/srv/meshvm")
+    assert elsewhere.path != before.path
+    assert _read(elsewhere.path, "bin/meshvm").startswith("#!/srv/meshvm/bin/python\n")
+    other_python = bundle(house, cache=tmp_path / "cache", python_version="3.99")
+    assert other_python.path != before.path
+    assert "lib/python3.99/site-packages/meshvm_mod.py" in _members(other_python.path)
+    assert not [n for n in _members(other_python.path) if n.endswith(".pyc")]  # not compiled for another Python
+    _wheel(house, "meshvm", "0.1.0", {"meshvm_mod": "VALUE = 2\n"})
+    after = bundle(house, cache=tmp_path / "cache", python_version=PYTHON)
     assert after.path != before.path
     assert after.manifest != before.manifest
+
+
+def test_a_relative_prefix_is_refused(tmp_path: Path) -> None:
+    house = tmp_path / "wh"
+    _wheel(house, "meshvm", "0.1.0", {"meshvm_mod": ""})
+    with pytest.raises(ConfigError, match="prefix 'opt/meshvm' is not an absolute path"):
+        bundle(house, cache=tmp_path / "cache", prefix="opt/meshvm")
 
 
 @pytest.mark.parametrize(
@@ -59,7 +124,10 @@ def test_a_changed_wheel_gives_a_new_archive(tmp_path: Path) -> None:
 def test_a_wheelhouse_without_exactly_one_meshvm_wheel_is_refused(
     tmp_path: Path, wheels: dict[str, bytes], message: str
 ) -> None:
-    house = _wheelhouse(tmp_path / "wh", wheels)
+    house = tmp_path / "wh"
+    house.mkdir()
+    for name, content in wheels.items():
+        (house / name).write_bytes(content)
     with pytest.raises(ConfigError, match="meshvm wheels") as raised:
         bundle(house, cache=tmp_path / "cache")
     assert message in str(raised.value)

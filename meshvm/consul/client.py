@@ -18,7 +18,8 @@ import consul
 import requests
 
 from meshvm.config import AgentConfig, CheckSpec, ConsulSpec, ServiceSpec
-from meshvm.errors import MeshvmError, OperationFailedError, PeerUnreachableError
+from meshvm.consul.failures import server_error
+from meshvm.errors import OperationFailedError, PeerUnreachableError
 from meshvm.values import consul_duration
 
 log = logging.getLogger(__name__)
@@ -39,9 +40,10 @@ def _translate(what: str, address: str) -> Iterator[None]:
             f"Consul refused {what}: permission denied", hint="the ACL token lacks the rights for it"
         ) from exc
     except consul.ConsulException as exc:
-        if str(exc)[:1] == "5":
-            # The local agent answers 500 when it cannot reach a server: for us that is Consul being away.
-            raise PeerUnreachableError(f"Consul servers unreachable ({what}): {exc}") from exc
+        # py-consul words a 5xx as "<status> <body>".
+        status, _, text = str(exc).partition(" ")
+        if status.isdigit() and 500 <= int(status) < 600:
+            raise server_error(what, int(status), text) from exc
         raise OperationFailedError(f"Consul failed {what}: {exc}") from exc
 
 
@@ -152,16 +154,16 @@ class ConsulClient:
     def ensure_acl_policy(self, name: str, rules: dict[str, Any]) -> None:
         """The ACL policy ``name`` with ``rules`` (Consul's rules in their JSON form): made if missing, its rules
         set again if they differ."""
-        policies = {p["Name"]: p for p in self._call("listing ACL policies", self.api.acl.policy.list)}
+        policies = self._acl_policies()
         if name not in policies:
             try:
                 create = functools.partial(self.api.acl.policy.create, name, rules=rules)
                 self._call(f"creating ACL policy {name}", create)
                 return
-            except MeshvmError:
+            except OperationFailedError:
                 # Several hosts' runs make the same policy at once: the one that lost finds it made (Consul 1.8
                 # answers it with a 500, "already exists").
-                policies = {p["Name"]: p for p in self._call("listing ACL policies", self.api.acl.policy.list)}
+                policies = self._acl_policies()
                 if name not in policies:
                     raise
         policy_id = policies[name]["ID"]
@@ -173,6 +175,10 @@ class ConsulClient:
         if not same:
             update = functools.partial(self.api.acl.policy.update, policy_id, name, rules=rules)
             self._call(f"updating ACL policy {name}", update)
+
+    def _acl_policies(self) -> dict[str, dict[str, Any]]:
+        """Every ACL policy (without rules) by name."""
+        return {p["Name"]: p for p in self._call("listing ACL policies", self.api.acl.policy.list)}
 
     def create_acl_token(self, name: str, rules: dict[str, Any], description: str) -> str:
         """A new token holding the ACL policy ``name`` (made with ``rules`` if missing); returns its secret."""
@@ -196,16 +202,16 @@ class ConsulClient:
                     return None
                 raise
 
-    def put_acl_token(self, accessor_id: str, **fields: Any) -> None:
-        """Create the token ``accessor_id``, or replace what it holds, with ``fields`` (py-consul's arguments of
-        ``acl.token.create``: description, policies_name, node_identities, service_identities). Its secret stays."""
-        exists = self.acl_token(accessor_id) is not None
+    def put_acl_token(self, accessor_id: str, *, exists: bool, **fields: Any) -> dict[str, Any]:
+        """Create the token ``accessor_id`` (``exists`` False), or replace what it holds, with ``fields``
+        (py-consul's arguments of ``acl.token.create``: description, policies_name, node_identities,
+        service_identities). An existing token keeps its secret. Returns the token as Consul now has it."""
         write = (
             functools.partial(self.api.acl.token.update, accessor_id, **fields)
             if exists
             else functools.partial(self.api.acl.token.create, accessor_id=accessor_id, **fields)
         )
-        self._call(f"writing ACL token {fields.get('description') or accessor_id}", write)
+        return dict(self._call(f"writing ACL token {fields.get('description') or accessor_id}", write))
 
     def delete_acl_token(self, accessor_id: str) -> bool:
         """Delete the token if it exists; True if it did."""

@@ -112,8 +112,7 @@ def ensure(
         if current is None or not spec.matches(current):
             issued.changed.append(kind)
             if not check:
-                client.put_acl_token(spec.accessor_id, **spec.fields())
-                current = client.acl_token(spec.accessor_id)
+                current = client.put_acl_token(spec.accessor_id, exists=current is not None, **spec.fields())
         issued.secrets[kind] = str((current or {}).get("SecretID") or "")
     return issued
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from meshvm.config import ConsulSpec
+from meshvm.consul.failures import server_error
 from meshvm.errors import MeshvmError, OperationFailedError, PeerUnreachableError
 from meshvm.values import consul_duration
 
@@ -82,8 +83,7 @@ class ConsulReader:
             return new_index, None
         text = body.decode(errors="replace").strip()[:200]
         if status >= 500:
-            # The local agent answers 500 when it cannot reach a server: for us that is Consul being away.
-            raise PeerUnreachableError(f"Consul servers unreachable ({path}): {status} {text}")
+            raise server_error(path, status, text)
         if status == 403:
             raise OperationFailedError(
                 f"Consul refused {path}: permission denied", hint="the ACL token lacks the right"

@@ -277,6 +277,11 @@ class Bundle:
     manifest: str
 
 
+# The environment's record of what it was installed from (the wheels' `sha256sum` lines), at its top: unpacked
+# last, so a host whose unpacking stopped short installs again (roles/meshvm_agent reads it by this name).
+INSTALLED_FROM = "wheelhouse.sha256"
+# Bumped whenever bundle() puts something else in the archive.
+_LAYOUT = 2
 # The launcher pip would write for meshvm's console script, for the interpreter of the VM's virtualenv.
 _LAUNCHER = "#!{python}\nimport sys\n\nfrom meshvm.cli import main\n\nsys.exit(main())\n"
 
@@ -308,7 +313,9 @@ def bundle(
             hint=f"rebuild it with `meshvm artifacts wheelhouse {wheelhouse_dir}`",
         )
     manifest = "".join(f"{sha256_file(w)}  {w.name}\n" for w in wheels)
-    key = hashlib.sha256(f"{manifest}{python_version} {platform} {prefix}\n".encode()).hexdigest()[:20]
+    # What goes into the archive is part of its name: a cached archive of an older layout is never reused.
+    recipe = f"{manifest}{python_version} {platform} {prefix} layout {_LAYOUT}\n"
+    key = hashlib.sha256(recipe.encode()).hexdigest()[:20]
     target = (cache or cache_dir()) / "bundles" / f"environment-{key}.tar.gz"
     if not target.exists():
         with tempfile.TemporaryDirectory() as tmp:
@@ -319,6 +326,7 @@ def bundle(
             launcher.parent.mkdir()
             launcher.write_text(_LAUNCHER.format(python=f"{prefix.rstrip('/')}/bin/python"))
             launcher.chmod(0o755)
+            (tree / INSTALLED_FROM).write_text(manifest)
             # A cache file, rebuilt from the wheels if lost: atomic (no half-written archive is ever used), not fsynced.
             atomic_write(target, _pack(tree), durable=False)
     return Bundle(path=target, wheels=[w.name for w in wheels], meshvm_wheel=ours[0], manifest=manifest)

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from meshvm.artifacts import VM_LEAVES_OUT, bundle, strip_wheel
+from meshvm.artifacts import INSTALLED_FROM, VM_LEAVES_OUT, bundle, strip_wheel
 from meshvm.errors import ConfigError
 
+REPO = Path(__file__).resolve().parents[2]
 PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
 
 
@@ -85,6 +86,11 @@ def test_the_archive_is_the_virtualenv_s_contents_and_the_same_wheels_give_the_s
     assert members["bin/meshvm"].mode == 0o755
     assert members[f"{site}/meshvm_mod.py"].mode == 0o644
     assert {(m.uid, m.gid, m.mtime) for m in members.values()} == {(0, 0, 0)}
+    # Last in the archive, the record of what it was installed from, where the role looks for it.
+    assert list(members)[-1] == INSTALLED_FROM
+    assert _read(again.path, INSTALLED_FROM) == again.manifest
+    role_vars = (REPO / "roles" / "meshvm_agent" / "vars" / "main.yml").read_text()
+    assert f'_meshvm_agent_installed_stamp: "{{{{ meshvm_agent_prefix }}}}/{INSTALLED_FROM}"' in role_vars
 
 
 def test_a_changed_wheel_or_prefix_or_python_gives_a_new_archive(tmp_path: Path) -> None:

@@ -4,41 +4,22 @@ mode writes nothing; diffs show content except the secrets'; contents never logg
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
+from tests.ansible import modules
 from tests.ansible.argspec import REPO
 
 SECRET = "s3cr3t-token-value"
 
 
 def _run(args: dict[str, Any], *flags: str) -> dict[str, Any]:
-    """The module's result (diffs included: -vvv, which also shows its arguments, so the secret must be hidden)."""
-    with tempfile.TemporaryDirectory() as tree:
-        env = {
-            **os.environ,
-            "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"),
-            "ANSIBLE_LOAD_CALLBACK_PLUGINS": "1",
-            "ANSIBLE_CALLBACKS_ENABLED": "ansible.builtin.tree",
-            "ANSIBLE_CALLBACK_TREE_DIR": tree,
-            "ANSIBLE_PYTHON_INTERPRETER": sys.executable,
-        }
-        argv = [str(Path(sys.executable).parent / "ansible"), "localhost", "-c", "local", "-vvv"]
-        argv += ["-m", "meshvm.mesh.managed_files", "-a", json.dumps(args), *flags]
-        done = subprocess.run(argv, capture_output=True, text=True, check=False, cwd=REPO, env=env)
-        assert SECRET not in done.stdout + done.stderr
-        output = Path(tree, "localhost").read_text()
-    assert SECRET not in output
-    result: dict[str, Any] = json.loads(output)
-    result["ansible_exit"] = done.returncode
+    """The module's result; the secret appears nowhere in what Ansible printed or returned, even at -vvv."""
+    result, printed = modules.run("managed_files", args, *flags)
+    assert SECRET not in printed
     return result
 
 
@@ -139,20 +120,7 @@ def test_check_mode_writes_nothing_and_diffs_hide_secrets(tmp_path: Path) -> Non
 
 
 def test_the_documented_options_are_the_module_s_arguments() -> None:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("managed_files", REPO / "plugins" / "modules" / "managed_files.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    documented = yaml.safe_load(module.DOCUMENTATION)["options"]
-    for name, options in (("directories", module.DIRECTORY_SPEC), ("files", module.FILE_SPEC)):
-        suboptions = documented[name]["suboptions"]
-        assert sorted(suboptions) == sorted(options), name
-        for key, option in options.items():
-            significant = {k: option[k] for k in ("type", "required", "default") if k in option}
-            assert {
-                k: suboptions[key][k] for k in ("type", "required", "default") if k in suboptions[key]
-            } == significant
+    module, documented = modules.documentation(REPO / "plugins" / "modules" / "managed_files.py")
     assert sorted(documented) == ["directories", "files", "secrets"]
+    modules.assert_documented(documented["directories"]["suboptions"], module.DIRECTORY_SPEC)
+    modules.assert_documented(documented["files"]["suboptions"], module.FILE_SPEC)

@@ -124,3 +124,24 @@ def test_the_documented_options_are_the_module_s_arguments() -> None:
     assert sorted(documented) == ["directories", "files", "secrets"]
     modules.assert_documented(documented["directories"]["suboptions"], module.DIRECTORY_SPEC)
     modules.assert_documented(documented["files"]["suboptions"], module.FILE_SPEC)
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"mode": "0644"}, "give either content or secret"),
+        ({"mode": "0644", "content": "x", "secret": "token"}, "give either content or secret"),
+        ({"mode": "0644", "secret": "nope"}, "secret 'nope' is not in secrets"),
+        ({"mode": "0644", "content": "x", "validate": "/bin/true"}, "validate of {dest} must name the candidate file"),
+    ],
+)
+def test_a_wrong_entry_is_refused_in_one_line_and_nothing_is_written(
+    tmp_path: Path, entry: dict[str, Any], message: str
+) -> None:
+    dest = tmp_path / "app.conf"
+    result = _run({"files": [{"dest": str(dest), **entry}], "secrets": {"token": f"{SECRET}\n"}})
+    assert result["ansible_exit"] == 2
+    assert str(dest) in result["msg"]
+    assert message.format(dest=dest) in result["msg"]
+    assert "\n" not in result["msg"]
+    assert list(tmp_path.iterdir()) == []
